@@ -1,0 +1,8 @@
+//! `grape_harness`: score candidate responses with a target model, select SFT data,
+//! fine-tune, evaluate, and compare selectors (GRAPE and its baselines).
+
+pub mod error;
+pub mod model;
+pub mod util;
+
+pub use error::{Error, Result};
