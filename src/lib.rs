@@ -1,6 +1,7 @@
 //! `grape_harness`: score candidate responses with a target model, select SFT data,
 //! fine-tune, evaluate, and compare selectors (GRAPE and its baselines).
 
+pub mod bench;
 pub mod error;
 pub mod model;
 pub mod util;

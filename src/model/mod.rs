@@ -1,5 +1,149 @@
 //! The causal language model: decoder architectures, loading, tokenizers, chat templates.
+//!
+//! We run our own decoder rather than candle-transformers' models because scoring and
+//! training need hidden states at every position, the output projection only where asked,
+//! and a differentiable path (see DESIGN.md, "Why our own decoder").
 
 pub mod chat;
+pub mod config;
+pub mod gemma3;
+pub mod gguf;
+pub mod hf;
+pub mod layers;
+pub mod llama;
+//TEMP mod loader;
 pub mod pull;
 pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use layers::{KvCache, Mode};
+use layers::at_least_f32;
+//TEMP pub use loader::{inspect, load, LoadOptions, LoadedModel, ModelFormat};
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::Path;
+use weights::TensorMap;
+
+#[derive(Debug, Clone)]
+pub enum Decoder {
+    Llama(llama::Model),
+    Gemma3(gemma3::Model),
+}
+
+impl Decoder {
+    /// Builds a decoder for inference from named tensors, after checking every tensor
+    /// against the config (errors name `path`).
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        tensors: TensorMap,
+        dtype: DType,
+        device: &Device,
+        path: &Path,
+    ) -> Result<Self> {
+        weights::check(cfg, &tensors, path)?;
+        Self::load(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
+    /// Builds a decoder whose every weight is a `Var`, for training. The returned map owns
+    /// the variables (optimisers and checkpoints read it).
+    pub fn trainable(
+        cfg: &ModelConfig,
+        tensors: TensorMap,
+        dtype: DType,
+        device: &Device,
+        path: &Path,
+    ) -> Result<(Self, VarMap)> {
+        weights::check(cfg, &tensors, path)?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("fresh VarMap lock");
+            for (name, tensor) in tensors {
+                let var = Var::from_tensor(&tensor.to_device(device)?.to_dtype(dtype)?)?;
+                data.insert(name, var);
+            }
+        }
+        let decoder = Self::load(cfg, VarBuilder::from_varmap(&varmap, dtype, device))?;
+        Ok((decoder, varmap))
+    }
+
+    fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg.architecture {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                Decoder::Llama(llama::Model::load(vb, cfg)?)
+            }
+            Architecture::Gemma3 => Decoder::Gemma3(gemma3::Model::load(vb, cfg)?),
+        })
+    }
+
+    /// Final-norm hidden states `(B, T, H)` of a right-padded batch: `lengths[b]` real
+    /// tokens in row `b`. With a cache, the tokens continue what the cache holds.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        Ok(match self {
+            Decoder::Llama(m) => m.forward(input_ids, lengths, cache, mode)?,
+            Decoder::Gemma3(m) => m.forward(input_ids, lengths, cache, mode)?,
+        })
+    }
+
+    /// Vocabulary logits for hidden rows `(N, H) -> (N, V)`.
+    pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Decoder::Llama(m) => m.project(hidden)?,
+            Decoder::Gemma3(m) => m.project(hidden)?,
+        })
+    }
+
+    /// Logits `(B, V)` at each row's last real token.
+    pub fn last_logits(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (_, t, _) = hidden.dims3()?;
+        let rows: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .map(|(b, &len)| (b * t + len.max(1) - 1) as u32)
+            .collect();
+        Ok(at_least_f32(&self.project(&gather_rows(hidden, &rows)?)?)?)
+    }
+
+    /// log p(target) at chosen positions. `rows` index the flattened `(B*T)` positions of
+    /// `hidden`; the projection and log-softmax (in f32) run on those rows only, in chunks,
+    /// so no `B x T x V` tensor is ever built. Differentiable in `Mode::Train` use.
+    pub fn target_logprobs(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Tensor> {
+        if rows.len() != targets.len() {
+            return Err(Error::Invalid(format!(
+                "{} positions but {} targets",
+                rows.len(),
+                targets.len()
+            )));
+        }
+        let device = hidden.device();
+        let vocab = self.project(&gather_rows(hidden, &rows[..rows.len().min(1)])?)?.dim(1)?;
+        // About 64 MiB of f32 logits per chunk.
+        let chunk = (16 * 1024 * 1024 / vocab).max(1);
+        let mut parts = Vec::new();
+        for (row_chunk, target_chunk) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
+            let logits = at_least_f32(&self.project(&gather_rows(hidden, row_chunk)?)?)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let idx = Tensor::new(target_chunk, device)?.unsqueeze(1)?;
+            parts.push(logp.gather(&idx, 1)?.squeeze(1)?);
+        }
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F32, device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Rows of `(B, T, H)` hidden states picked by flat index `b * T + t`.
+pub fn gather_rows(hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let idx = Tensor::new(rows, hidden.device())?;
+    Ok(hidden.reshape((b * t, h))?.index_select(&idx, 0)?)
+}

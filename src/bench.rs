@@ -1,0 +1,91 @@
+//! Throughput measurements shared by `harness bench` and `cargo bench`: tokens/s and
+//! achieved GFLOP/s, so optimisations are judged by numbers, not impressions.
+
+use crate::model::{Decoder, ModelConfig, Mode};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub what: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub iterations: usize,
+    pub seconds_per_iteration: f64,
+    pub tokens_per_second: f64,
+    pub gflops_per_second: f64,
+}
+
+impl std::fmt::Display for Throughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<34} {:>3}x{:<5} {:>8.3} s/iter {:>9.1} tokens/s {:>7.1} GFLOP/s",
+            self.what, self.batch, self.seq_len, self.seconds_per_iteration, self.tokens_per_second, self.gflops_per_second
+        )
+    }
+}
+
+/// Full forward passes over `batch x seq_len` tokens, with the output projection applied
+/// at every position (as a plain language-model forward does). One warm-up pass first.
+pub fn forward(
+    decoder: &Decoder,
+    config: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    iterations: usize,
+    device: &Device,
+) -> Result<Throughput> {
+    let ids: Vec<u32> = (0..batch * seq_len)
+        .map(|i| ((i as u64 * 2_654_435_761) % config.vocab_size as u64) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq_len), device)?;
+    let lengths = vec![seq_len; batch];
+    let run = || -> Result<()> {
+        let hidden = decoder.forward(&ids, &lengths, None, Mode::Infer)?;
+        let flat = hidden.reshape((batch * seq_len, config.hidden_size))?;
+        decoder.project(&flat)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    };
+    run()?;
+    let start = Instant::now();
+    for _ in 0..iterations {
+        run()?;
+    }
+    let seconds = start.elapsed().as_secs_f64() / iterations as f64;
+    let tokens = (batch * seq_len) as f64;
+    // Causal attention: position t attends to t+1 keys, (T+1)/2 on average.
+    let flops = tokens * config.forward_flops_per_token(seq_len.div_ceil(2));
+    Ok(Throughput {
+        what: "forward (all positions, with LM head)".into(),
+        batch,
+        seq_len,
+        iterations,
+        seconds_per_iteration: seconds,
+        tokens_per_second: tokens / seconds,
+        gflops_per_second: flops / seconds / 1e9,
+    })
+}
+
+/// The machine's f32 matrix-multiply rate through candle: the ceiling for the forward pass.
+pub fn matmul_peak(n: usize, iterations: usize, device: &Device) -> Result<Throughput> {
+    let a = Tensor::ones((n, n), DType::F32, device)?;
+    let b = Tensor::ones((n, n), DType::F32, device)?;
+    a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    let start = Instant::now();
+    for _ in 0..iterations {
+        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    }
+    let seconds = start.elapsed().as_secs_f64() / iterations as f64;
+    Ok(Throughput {
+        what: format!("matmul {n}x{n}x{n} f32"),
+        batch: 1,
+        seq_len: n,
+        iterations,
+        seconds_per_iteration: seconds,
+        tokens_per_second: 0.0,
+        gflops_per_second: 2.0 * (n as f64).powi(3) / seconds / 1e9,
+    })
+}

@@ -1,0 +1,47 @@
+//! The `harness` command line: argument parsing and printing only; the work is in the library.
+
+mod bench;
+mod model;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "harness", version, about = "SFT data-selection experiments: GRAPE and its baselines")]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, inspect and tokenize with models.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Measure forward throughput (tokens/s, GFLOP/s).
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(cmd) => model::run(cmd),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

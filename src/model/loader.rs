@@ -1,0 +1,185 @@
+//! From a name or path to a ready model: weights, tokenizer and chat template together,
+//! checked against each other.
+
+use super::chat::{BuiltinTemplate, ChatTemplate, TemplateSource};
+use super::config::ModelConfig;
+use super::pull::{self, ModelFiles};
+use super::tokenizer::Tokenizer;
+use super::weights::TensorMap;
+use super::{gguf, hf, Decoder};
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    Gguf,
+    #[serde(rename = "huggingface")]
+    HuggingFace,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// `None` or "auto": the model's own template, else `plain`. "model" insists on the
+    /// model's own; "chatml", "tulu", "plain" pick a built-in.
+    pub template: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            template: None,
+        }
+    }
+}
+
+pub struct LoadedModel {
+    pub name: String,
+    pub files: ModelFiles,
+    pub format: ModelFormat,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// `None` when only inspected (`model info`).
+    pub decoder: Option<Decoder>,
+    /// Kept so a trainer can turn them into variables without reading the file again.
+    pub tensors: Option<TensorMap>,
+}
+
+impl LoadedModel {
+    pub fn decoder(&self) -> Result<&Decoder> {
+        self.decoder
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("model `{}` was inspected, not loaded", self.name)))
+    }
+}
+
+/// Loads weights, tokenizer and template. `name_or_path` is a built-in name (pulled on
+/// first use), a `.gguf` file, or a Hugging Face folder.
+pub fn load(name_or_path: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let mut model = read(name_or_path, options.template.as_deref(), true)?;
+    let tensors = model.tensors.take().expect("read with weights");
+    let path = model.files.weights.clone();
+    model.decoder = Some(Decoder::from_tensors(&model.config, tensors, options.dtype, &options.device, &path)?);
+    Ok(model)
+}
+
+/// Reads configuration, tokenizer and template without the weights.
+pub fn inspect(name_or_path: &str, template: Option<&str>) -> Result<LoadedModel> {
+    read(name_or_path, template, false)
+}
+
+fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -> Result<LoadedModel> {
+    let files = pull::resolve(name_or_path)?;
+    let weights_path = files.weights.clone();
+    let (format, config, tensors, tokenizer, own_template) = if weights_path.is_dir() {
+        let (config, tensors) = if with_weights {
+            let model = hf::load(&weights_path)?;
+            (model.config, Some(model.tensors))
+        } else {
+            (hf::read_config(&weights_path)?, None)
+        };
+        let tokenizer_json = files.tokenizer_json.clone().unwrap_or_else(|| weights_path.join("tokenizer.json"));
+        let tokenizer_config = existing(tokenizer_json.with_file_name("tokenizer_config.json"));
+        let tokenizer = Tokenizer::from_hf_files(&tokenizer_json, tokenizer_config.as_deref())?;
+        let template = hf_chat_template(&weights_path, tokenizer_config.as_deref())?;
+        (ModelFormat::HuggingFace, config, tensors, tokenizer, template)
+    } else {
+        let (config, metadata, tensors) = if with_weights {
+            let model = gguf::load(&weights_path)?;
+            (model.config, model.metadata, Some(model.tensors))
+        } else {
+            let (content, _) = gguf::read_metadata(&weights_path)?;
+            (gguf::config_from_metadata(&weights_path, &content)?, content.metadata, None)
+        };
+        // A packaged tokenizer.json (Gemma 3) takes precedence over the GGUF vocabulary.
+        let (tokenizer, side_template) = match &files.tokenizer_json {
+            Some(json) => {
+                let tokenizer_config = existing(json.with_file_name("tokenizer_config.json"));
+                let tokenizer = Tokenizer::from_hf_files(json, tokenizer_config.as_deref())?;
+                (tokenizer, hf_chat_template(json.parent().unwrap_or(Path::new(".")), tokenizer_config.as_deref())?)
+            }
+            None => (Tokenizer::from_gguf(&weights_path, &metadata)?, None),
+        };
+        let gguf_template = metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        (ModelFormat::Gguf, config, tensors, tokenizer, side_template.or(gguf_template))
+    };
+
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(Error::mismatch(
+            &weights_path,
+            format!(
+                "tokenizer has {} tokens but the embedding has only {} rows",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        ));
+    }
+    let template = choose_template(template_choice, own_template, &tokenizer)?;
+    Ok(LoadedModel {
+        name: name_or_path.to_string(),
+        files,
+        format,
+        config,
+        tokenizer,
+        template,
+        decoder: None,
+        tensors,
+    })
+}
+
+fn existing(path: PathBuf) -> Option<PathBuf> {
+    path.exists().then_some(path)
+}
+
+fn choose_template(choice: Option<&str>, own: Option<String>, tokenizer: &Tokenizer) -> Result<ChatTemplate> {
+    let bos = tokenizer.bos.as_ref().map(|t| t.text.clone());
+    let eos = tokenizer.eos.as_ref().map(|t| t.text.clone());
+    let source = match (choice.unwrap_or("auto"), own) {
+        ("auto", Some(text)) | ("model", Some(text)) => TemplateSource::Model(text),
+        ("auto", None) => TemplateSource::Builtin(BuiltinTemplate::Plain),
+        ("model", None) => {
+            return Err(Error::Template(
+                "template `model` was asked for, but this model ships no chat template \
+                 (choose chatml, tulu or plain)"
+                    .into(),
+            ))
+        }
+        (name, _) => TemplateSource::Builtin(name.parse()?),
+    };
+    ChatTemplate::new(source, bos, eos)
+}
+
+/// The template from `tokenizer_config.json` (a string, or a list of named templates) or
+/// from a `chat_template.jinja` file beside it, as newer transformers save it.
+fn hf_chat_template(dir: &Path, tokenizer_config: Option<&Path>) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
+    }
+    let Some(path) = tokenizer_config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("invalid JSON at line {}: {e}", e.line())))?;
+    Ok(match json.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    })
+}
