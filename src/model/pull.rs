@@ -854,7 +854,7 @@ impl Tool {
     }
 
     /// Probing catches a python3 without its pip module, which should fall through to `pip`.
-    fn locate(&self, by_hand: &str) -> Result<&[OsString]> {
+    fn locate(&self, by_hand: &str) -> Result<(&OsString, &[OsString])> {
         let mut tried = Vec::new();
         for candidate in &self.candidates {
             let Some((program, args)) = candidate.split_first() else {
@@ -866,7 +866,7 @@ impl Tool {
                 .stdin(Stdio::null())
                 .output();
             let why = match probe {
-                Ok(out) if out.status.success() => return Ok(candidate),
+                Ok(out) if out.status.success() => return Ok((program, args)),
                 Ok(out) => summarize(&out),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => "not found".to_string(),
                 Err(e) => e.to_string(),
@@ -882,13 +882,13 @@ impl Tool {
     }
 
     fn run(&self, args: &[OsString], cwd: Option<&Path>, by_hand: &str) -> Result<()> {
-        let program = self.locate(by_hand)?;
-        let mut command = Command::new(&program[0]);
-        command.args(&program[1..]).args(args).stdin(Stdio::null());
+        let (program, program_args) = self.locate(by_hand)?;
+        let mut command = Command::new(program);
+        command.args(program_args).args(args).stdin(Stdio::null());
         if let Some(cwd) = cwd {
             command.current_dir(cwd);
         }
-        let line = show(program.iter().chain(args));
+        let line = show(std::iter::once(program).chain(program_args).chain(args));
         let out = command
             .output()
             .map_err(|e| self.error(format!("cannot run `{line}`: {e}")))?;
@@ -1219,7 +1219,7 @@ mod tests {
             "echo '/usr/bin/python3: No module named pip' >&2; exit 1",
         ]);
         let pip = Tool::pip(vec![no_module.clone(), words(&["true"])]);
-        assert_eq!(pip.locate("").unwrap(), &words(&["true"])[..]);
+        assert_eq!(pip.locate("").unwrap(), (&"true".into(), &[][..]));
         let msg = text(Tool::pip(vec![no_module]).locate("or by hand").map(|_| ()));
         assert!(
             msg.contains("(/usr/bin/python3: No module named pip)"),
