@@ -61,7 +61,7 @@ fn rewritten_stories(dir: &Path, edit: impl FnOnce(&mut Vec<(String, gguf_file::
 fn missing_file() {
     let line = info_fails(Path::new("/nonexistent/model.gguf"));
     assert!(line.contains("/nonexistent/model.gguf"), "{line}");
-    assert!(line.contains("does not exist") || line.contains("No such file"), "{line}");
+    assert!(line.contains("no such file"), "{line}");
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn not_a_gguf_file() {
     let path = dir.path().join("garbage.gguf");
     std::fs::write(&path, b"this is not a model").unwrap();
     let line = info_fails(&path);
-    assert!(line.contains("garbage.gguf") && line.contains("not a readable GGUF file"), "{line}");
+    assert!(line.contains("garbage.gguf") && line.contains("not a GGUF file"), "{line}");
 }
 
 #[test]
@@ -139,7 +139,9 @@ fn vocabulary_larger_than_embedding() {
     let path = rewritten_stories(dir.path(), |_, tensors| {
         for (name, t) in tensors.iter_mut() {
             if name == "token_embd.weight" || name == "output.weight" {
-                *t = t.narrow(0, 0, 256).unwrap();
+                // quantize reads the whole storage, so give the slice storage of its own.
+                let rows: Vec<f32> = t.narrow(0, 0, 256).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                *t = Tensor::from_vec(rows, (256, t.dim(1).unwrap()), &Device::Cpu).unwrap();
             }
         }
     });

@@ -3,8 +3,9 @@
 //! printed; everything else must hold.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::{quantized_gemma3, quantized_llama};
-use grape_harness::model::{self, gguf, pull, LoadOptions, LoadedModel, Mode};
+use candle_transformers::models::{self as ct, quantized_gemma3, quantized_llama};
+use grape_harness::model::config::Activation;
+use grape_harness::model::{self, gguf, Decoder, LoadOptions, LoadedModel, Mode};
 use std::sync::{Mutex, OnceLock};
 
 const PROMPTS: [&str; 5] = [
@@ -42,58 +43,108 @@ fn encode(m: &LoadedModel, text: &str) -> Vec<u32> {
     ids
 }
 
-fn our_last_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    let decoder = m.decoder().unwrap();
+fn last_logits(decoder: &Decoder, ids: &[u32]) -> Tensor {
     let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let hidden = decoder.forward(&x, &[ids.len()], None, Mode::Infer).unwrap();
     decoder.last_logits(&hidden, &[ids.len()]).unwrap().squeeze(0).unwrap()
 }
 
-/// Same top-1 token and last-position logits within `tolerance` of candle-transformers'
-/// quantized implementation, which runs on the GGUF file's quantised weights directly.
-fn check_against_quantized(name: &str, tolerance: f32, mut theirs: impl FnMut(&Tensor) -> Tensor) {
-    let Some(m) = real_model(name) else { return };
+/// Last-position logits within `tolerance` of a candle-transformers reference on the five
+/// prompts, and the same top-1 token. Against quantised references `near_tie` > 0 lets
+/// the top-1 differ only where the reference itself scores both tokens within `near_tie`
+/// (8-bit activation rounding can flip such a tie).
+fn check(
+    m: &LoadedModel,
+    decoder: &Decoder,
+    what: &str,
+    (tolerance, near_tie): (f32, f32),
+    mut theirs: impl FnMut(&Tensor) -> Tensor,
+) {
     for prompt in PROMPTS {
         let ids = encode(m, prompt);
-        let ours = our_last_logits(m, &ids);
+        let ours = last_logits(decoder, &ids);
         let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let expected = theirs(&x).flatten_all().unwrap();
         let diff = (&ours - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        println!("{name} {prompt:?}: max |diff| {diff:.4}, top-1 {} vs {}", top(&ours), top(&expected));
-        assert_eq!(top(&ours), top(&expected), "{name} {prompt:?}: top-1 token differs");
-        assert!(diff < tolerance, "{name} {prompt:?}: logits differ by {diff}");
+        println!("{what} {prompt:?}: max |diff| {diff:.5}, top-1 ours {} reference {}", top(&ours), top(&expected));
+        let their_logit = |id: u32| expected.get(id as usize).unwrap().to_scalar::<f32>().unwrap();
+        let gap = their_logit(top(&expected)) - their_logit(top(&ours));
+        assert!(gap <= near_tie, "{what} {prompt:?}: top-1 differs, the reference prefers its own by {gap}");
+        assert!(diff < tolerance, "{what} {prompt:?}: logits differ by {diff}");
     }
 }
 
-fn quantized_llama_model(name: &str) -> Option<quantized_llama::ModelWeights> {
-    let m = real_model(name)?;
+fn quantized_llama_model(m: &LoadedModel) -> quantized_llama::ModelWeights {
     let (content, mut reader) = gguf::read_metadata(&m.files.weights).unwrap();
-    Some(quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap())
+    quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()
 }
 
 #[test]
 fn stories260k_matches_quantized_llama() {
-    let Some(mut theirs) = quantized_llama_model("stories260k") else { return };
+    let Some(m) = real_model("stories260k") else { return };
+    let mut theirs = quantized_llama_model(m);
     // An f32 file: nothing is quantised, so the two must agree closely.
-    check_against_quantized("stories260k", 1e-3, |x| theirs.forward(x, 0).unwrap());
+    check(m, m.decoder().unwrap(), "stories260k", (1e-3, 0.0), |x| theirs.forward(x, 0).unwrap());
 }
 
+/// Quantised references get tolerance 2.0 (max |diff| over the whole vocabulary), not 1.0:
+/// candle's quantised matmuls round activations to 8 bits, which moved the largest logit
+/// gap to 1.26 here (SmolLM2) and 1.64 (Gemma 3, 262k logits). The same references with
+/// f32 weights (`real_models_dequantized.rs`) agree to 1e-4, so the gap is quantisation.
+const QUANTISED: (f32, f32) = (2.0, 0.5);
 #[test]
 fn smollm2_matches_quantized_llama() {
-    let Some(mut theirs) = quantized_llama_model("smollm2-135m-instruct") else { return };
-    check_against_quantized("smollm2-135m-instruct", 1.0, |x| theirs.forward(x, 0).unwrap());
+    let Some(m) = real_model("smollm2-135m-instruct") else { return };
+    let mut theirs = quantized_llama_model(m);
+    check(m, m.decoder().unwrap(), "smollm2-135m-instruct", QUANTISED, |x| theirs.forward(x, 0).unwrap());
 }
 
+/// The real Gemma 3 270M weights (dequantised by us) in candle-transformers' f32 `gemma3`,
+/// which uses the correct GELU-tanh MLP. It cannot prefill on the CPU, so it is fed one
+/// token at a time.
+#[test]
+fn gemma3_matches_candle_gemma3_on_real_weights() {
+    let Some(m) = real_model("gemma3-270m") else { return };
+    let file = gguf::load(&m.files.weights).unwrap();
+    let c = &file.config;
+    let theirs_cfg: ct::gemma3::Config = serde_json::from_value(serde_json::json!({
+        "attention_bias": false, "head_dim": c.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads, "num_hidden_layers": c.num_layers,
+        "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_local_base_freq": c.rope_local_theta,
+        "vocab_size": c.vocab_size, "final_logit_softcapping": null, "attn_logit_softcapping": null,
+        "query_pre_attn_scalar": c.head_dim, "sliding_window": c.sliding_window,
+        "sliding_window_pattern": 6, "max_position_embeddings": 512
+    }))
+    .unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(file.tensors, DType::F32, &Device::Cpu);
+    let mut theirs = ct::gemma3::Model::new(false, &theirs_cfg, vb).unwrap();
+    check(m, m.decoder().unwrap(), "gemma3-270m vs candle gemma3", (2e-3, 0.0), |x| {
+        theirs.clear_kv_cache();
+        let mut last = None;
+        for t in 0..x.dim(1).unwrap() {
+            last = Some(theirs.forward(&x.i((.., t..t + 1)).unwrap(), t).unwrap());
+        }
+        last.unwrap()
+    });
+}
+
+/// candle-transformers' `quantized_gemma3` gates its MLP with SiLU where Gemma 3 uses
+/// GELU-tanh, so it is compared with a copy of our model switched to SiLU (everything
+/// else as loaded). The test above checks the real activation.
 #[test]
 fn gemma3_matches_quantized_gemma3() {
     let Some(m) = real_model("gemma3-270m") else { return };
+    let file = gguf::load(&m.files.weights).unwrap();
+    let mut config = file.config.clone();
+    config.activation = Activation::Silu;
+    let silu = Decoder::from_tensors(&config, file.tensors, DType::F32, &Device::Cpu, &m.files.weights).unwrap();
     let (content, mut reader) = gguf::read_metadata(&m.files.weights).unwrap();
     let mut theirs = quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
-    check_against_quantized("gemma3-270m", 1.0, |x| {
-        theirs.clear_kv_cache();
-        theirs.forward(x, 0).unwrap()
-    });
+    // Position 0 starts a fresh cache in candle's quantized gemma3.
+    check(m, &silu, "gemma3-270m (SiLU) vs quantized_gemma3", QUANTISED, |x| theirs.forward(x, 0).unwrap());
 }
 
 /// Greedy decoding through our KV cache from BOS tells karpathy's documented story.

@@ -114,16 +114,7 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
         (ModelFormat::Gguf, config, tensors, tokenizer, side_template.or(gguf_template))
     };
 
-    if tokenizer.vocab_size() > config.vocab_size {
-        return Err(Error::mismatch(
-            &weights_path,
-            format!(
-                "tokenizer has {} tokens but the embedding has only {} rows",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            ),
-        ));
-    }
+    check_vocabulary(&tokenizer, &config, &weights_path)?;
     let template = choose_template(template_choice, own_template, &tokenizer)?;
     Ok(LoadedModel {
         name: name_or_path.to_string(),
@@ -135,6 +126,38 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
         decoder: None,
         tensors,
     })
+}
+
+/// Every ordinary token needs an embedding row. Added special tokens past the last row
+/// exist in shared tokenizers (Gemma 3's `<image_soft_token>` in the text-only models):
+/// those are reported, since they cannot be embedded, but do not stop the load.
+fn check_vocabulary(tokenizer: &Tokenizer, config: &ModelConfig, path: &Path) -> Result<()> {
+    let base = tokenizer.inner.get_vocab_size(false);
+    if base > config.vocab_size {
+        return Err(Error::mismatch(
+            path,
+            format!(
+                "tokenizer has {base} tokens but the embedding has only {} rows",
+                config.vocab_size
+            ),
+        ));
+    }
+    let beyond: Vec<String> = tokenizer
+        .inner
+        .get_added_vocabulary()
+        .get_vocab()
+        .iter()
+        .filter(|(_, &id)| id as usize >= config.vocab_size)
+        .map(|(token, id)| format!("{token} ({id})"))
+        .collect();
+    if !beyond.is_empty() {
+        tracing::warn!(
+            "{}: special tokens without an embedding row, never feed them to the model: {}",
+            path.display(),
+            beyond.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn existing(path: PathBuf) -> Option<PathBuf> {

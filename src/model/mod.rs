@@ -11,7 +11,7 @@ pub mod gguf;
 pub mod hf;
 pub mod layers;
 pub mod llama;
-//TEMP mod loader;
+mod loader;
 pub mod pull;
 pub mod tokenizer;
 pub mod weights;
@@ -19,7 +19,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use layers::{KvCache, Mode};
 use layers::at_least_f32;
-//TEMP pub use loader::{inspect, load, LoadOptions, LoadedModel, ModelFormat};
+pub use loader::{inspect, load, LoadOptions, LoadedModel, ModelFormat};
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
