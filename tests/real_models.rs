@@ -36,7 +36,7 @@ fn real_model(name: &str) -> Option<&'static LoadedModel> {
 
 fn encode(m: &LoadedModel, text: &str) -> Vec<u32> {
     let mut ids = Vec::new();
-    if let Some(bos) = &m.tokenizer.bos {
+    if let (true, Some(bos)) = (m.tokenizer.add_bos, &m.tokenizer.bos) {
         ids.push(bos.id);
     }
     ids.extend_from_slice(m.tokenizer.encode(text).unwrap().get_ids());

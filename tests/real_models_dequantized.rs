@@ -31,7 +31,7 @@ fn compare(name: &str, activation: Activation, mut theirs: impl FnMut(&std::path
     file.config.activation = activation;
     let decoder = Decoder::from_tensors(&file.config, file.tensors, DType::F32, &Device::Cpu, &m.files.weights).unwrap();
     for prompt in PROMPTS {
-        let mut ids: Vec<u32> = m.tokenizer.bos.iter().map(|b| b.id).collect();
+        let mut ids: Vec<u32> = m.tokenizer.bos.iter().filter(|_| m.tokenizer.add_bos).map(|b| b.id).collect();
         ids.extend_from_slice(m.tokenizer.encode(prompt).unwrap().get_ids());
         let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let hidden = decoder.forward(&x, &[ids.len()], None, Mode::Infer).unwrap();

@@ -413,3 +413,58 @@ impl<'a> JsonFields<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Export writes what import reads: every architecture survives the round trip.
+    #[test]
+    fn hf_json_round_trips() {
+        let configs = [
+            r#"{"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                "eos_token_id": [1, 2], "bos_token_id": 0}"#,
+            r#"{"model_type": "mistral", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 8, "sliding_window": 7}"#,
+            r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "sliding_window": 9, "use_sliding_window": true, "max_window_layers": 1,
+                "tie_word_embeddings": true}"#,
+            r#"{"model_type": "gemma3_text", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 8,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}}"#,
+        ];
+        let path = Path::new("config.json");
+        for text in configs {
+            let cfg = ModelConfig::from_hf_json(path, text).unwrap();
+            cfg.validate(path).unwrap();
+            let again = ModelConfig::from_hf_json(path, &cfg.to_hf_json().to_string()).unwrap();
+            assert_eq!(cfg, again, "{text}");
+        }
+        let qwen = ModelConfig::from_hf_json(path, configs[2]).unwrap();
+        assert_eq!(qwen.sliding_layers, vec![false, true, true]);
+        assert!(qwen.attention_bias);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let path = Path::new("dir/config.json");
+        let err = ModelConfig::from_hf_json(path, r#"{"model_type": "llama", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dir/config.json") && err.contains("num_attention_heads"), "{err}");
+        let err = ModelConfig::from_hf_json(path, "{ not json").unwrap_err().to_string();
+        assert!(err.contains("invalid JSON at line 1"), "{err}");
+        let bad = r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 2}"#;
+        let cfg = ModelConfig::from_hf_json(path, bad).unwrap();
+        let err = cfg.validate(path).unwrap_err().to_string();
+        assert!(err.contains("multiple of key/value heads"), "{err}");
+    }
+}

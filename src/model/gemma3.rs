@@ -2,7 +2,7 @@
 //! scaled by sqrt(hidden), and sliding-window layers with their own rope base.
 
 use super::config::ModelConfig;
-use super::layers::{Attention, KvCache, Mlp, Mode, RmsNorm, Rope, Step};
+use super::layers::{embedding_and_head, Attention, KvCache, Mlp, Mode, RmsNorm, Rope, Step};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -48,13 +48,7 @@ pub struct Model {
 impl Model {
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let vb_m = vb.pp("model");
-        let embed_tokens =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
-        } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
-        };
+        let (embed_tokens, lm_head) = embedding_and_head(&vb, cfg)?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(vb_m.pp(format!("layers.{i}")), cfg, cfg.sliding_layers[i]))
             .collect::<Result<_>>()?;

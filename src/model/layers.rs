@@ -7,7 +7,7 @@
 
 use super::config::{Activation, ModelConfig, RopeScaling};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -458,6 +458,17 @@ impl Attention {
             .reshape((b, t, self.num_heads * self.head_dim))?
             .apply(&self.o_proj)
     }
+}
+
+/// The token embedding and the output projection, which tied models share.
+pub fn embedding_and_head(vb: &VarBuilder, cfg: &ModelConfig) -> Result<(Embedding, Linear)> {
+    let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+    let head = if cfg.tie_word_embeddings {
+        Linear::new(embed.embeddings().clone(), None)
+    } else {
+        candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+    };
+    Ok((embed, head))
 }
 
 #[derive(Debug, Clone)]
