@@ -4,6 +4,7 @@
 use grape_harness::{bench, model};
 
 fn main() -> anyhow::Result<()> {
+    grape_harness::util::keep_freed_memory();
     let name = std::env::var("HARNESS_BENCH_MODEL").unwrap_or_else(|_| "smollm2-135m-instruct".into());
     let options = model::LoadOptions::default();
     let m = model::load(&name, &options)?;

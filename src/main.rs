@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    grape_harness::util::keep_freed_memory();
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::run(args) {

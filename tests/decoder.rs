@@ -12,12 +12,12 @@ fn tiny(arch: &str) -> ModelConfig {
         "llama" => json!({
             "model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 64
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 256
         }),
         "gemma3" => json!({
             "model_type": "gemma3_text", "vocab_size": 67, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-            "max_position_embeddings": 64, "sliding_window": 4, "sliding_window_pattern": 2,
+            "max_position_embeddings": 256, "sliding_window": 4, "sliding_window_pattern": 2,
             "query_pre_attn_scalar": 16, "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0
         }),
         other => panic!("no tiny config for {other}"),
@@ -46,30 +46,36 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// One prompt computed once and continued by two responses of different lengths gives
-/// the same hidden states as running each full sequence from scratch.
+/// the same hidden states as running each full sequence from scratch; the long case spans
+/// several attention query blocks.
 #[test]
 fn shared_prefix_cache_equals_full_forward() {
+    let long_a: Vec<u32> = (0..200).map(|i| (i * 5 + 1) % 60).collect();
+    let long_b: Vec<u32> = (0..150).map(|i| (i * 3 + 2) % 60).collect();
+    let cases: [(&[u32], [&[u32]; 2]); 2] = [
+        (&[5, 9, 2, 17, 33], [&[8, 1, 40, 3], &[12, 7, 7, 21, 50, 6]]),
+        (&long_b[..40], [&long_a, &long_b]),
+    ];
     for arch in ["llama", "gemma3"] {
         let cfg = tiny(arch);
         let model = decoder(&cfg, DType::F32);
-        let prompt: &[u32] = &[5, 9, 2, 17, 33];
-        let responses: [&[u32]; 2] = [&[8, 1, 40, 3], &[12, 7, 7, 21, 50, 6]];
+        for (prompt, responses) in &cases {
+            let mut cache = KvCache::new(cfg.num_layers);
+            let (p, p_len) = ids(&[prompt]);
+            model.forward(&p, &p_len, Some(&mut cache), Mode::Infer).unwrap();
+            let mut cache = cache.expand(2).unwrap();
+            let (r, r_len) = ids(responses);
+            let cached = model.forward(&r, &r_len, Some(&mut cache), Mode::Infer).unwrap();
 
-        let mut cache = KvCache::new(cfg.num_layers);
-        let (p, p_len) = ids(&[prompt]);
-        model.forward(&p, &p_len, Some(&mut cache), Mode::Infer).unwrap();
-        let mut cache = cache.expand(2).unwrap();
-        let (r, r_len) = ids(&responses);
-        let cached = model.forward(&r, &r_len, Some(&mut cache), Mode::Infer).unwrap();
-
-        for (row, response) in responses.iter().enumerate() {
-            let full: Vec<u32> = prompt.iter().chain(response.iter()).copied().collect();
-            let (f, f_len) = ids(&[&full]);
-            let alone = model.forward(&f, &f_len, None, Mode::Infer).unwrap();
-            let expected = alone.i((0, prompt.len()..full.len())).unwrap();
-            let got = cached.i((row, ..response.len())).unwrap();
-            let diff = max_diff(&got, &expected);
-            assert!(diff < 1e-5, "{arch} row {row}: cached prefix differs by {diff}");
+            for (row, response) in responses.iter().enumerate() {
+                let full: Vec<u32> = prompt.iter().chain(response.iter()).copied().collect();
+                let (f, f_len) = ids(&[&full]);
+                let alone = model.forward(&f, &f_len, None, Mode::Infer).unwrap();
+                let expected = alone.i((0, prompt.len()..full.len())).unwrap();
+                let got = cached.i((row, ..response.len())).unwrap();
+                let diff = max_diff(&got, &expected);
+                assert!(diff < 1e-5, "{arch} row {row}: cached prefix differs by {diff}");
+            }
         }
     }
 }

@@ -197,3 +197,30 @@ fn padded_rows_match_unpadded_candle_rows() {
         assert_close(&logits.i(row..row + 1).unwrap(), &expected, &format!("row {row} of length {len}"));
     }
 }
+
+/// Sequences longer than one attention query block (128), right-padded, with a sliding
+/// window: each row equals candle on that row alone.
+#[test]
+fn long_padded_rows_match_candle() {
+    let json = mistral_json(Some(101));
+    let mut json_long = json.clone();
+    json_long["max_position_embeddings"] = 512.into();
+    let cfg = config(&json_long);
+    let tensors = weights::random(&cfg, 23, &Device::Cpu).unwrap();
+    let vocab = cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..600u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (2, 300), &Device::Cpu).unwrap();
+    let lengths = [300usize, 203];
+    let decoder = ours(&cfg, &tensors);
+    let hidden = decoder.forward(&ids, &lengths, None, Mode::Infer).unwrap();
+    let logits = decoder.last_logits(&hidden, &lengths).unwrap();
+
+    let mut theirs_json = json_long.clone();
+    theirs_json["sliding_window"] = 100.into();
+    let theirs_cfg: ct::mistral::Config = serde_json::from_value(theirs_json).unwrap();
+    for (row, &len) in lengths.iter().enumerate() {
+        let mut theirs = ct::mistral::Model::new(&theirs_cfg, their_vb(&tensors)).unwrap();
+        let expected = theirs.forward(&ids.i((row..row + 1, ..len)).unwrap(), 0).unwrap();
+        assert_close(&logits.i(row..row + 1).unwrap(), &expected, &format!("row {row} of length {len}"));
+    }
+}

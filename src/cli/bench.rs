@@ -33,7 +33,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        println!("model {} ({} parameters), {} threads", args.model, m.config.parameter_count(), rayon_threads());
+        println!("model {} ({} parameters), {} threads", args.model, m.config.parameter_count(), cpu_threads());
         for r in &results {
             println!("{r}");
         }
@@ -41,6 +41,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rayon_threads() -> usize {
+fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

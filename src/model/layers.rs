@@ -368,6 +368,9 @@ impl Step {
     }
 }
 
+/// Query rows attended together; see `Attention::forward`.
+const QUERY_BLOCK: usize = 128;
+
 #[derive(Debug, Clone)]
 pub struct Attention {
     q_proj: Linear,
@@ -432,12 +435,44 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
         };
-        let keys = k.dim(2)?;
+        let past = k.dim(2)? - t;
 
+        // Causal attention in query blocks: block [t0, t1) needs keys up to past + t1 only,
+        // which skips most of the masked upper triangle (62% of the work at T = 512).
+        let q = (q * self.scale)?;
+        let out = if t <= QUERY_BLOCK {
+            self.attend(&q, &k, &v, mask, mode)?
+        } else {
+            let blocks = (0..t)
+                .step_by(QUERY_BLOCK)
+                .map(|t0| {
+                    let len = QUERY_BLOCK.min(t - t0);
+                    let keys = past + t0 + len;
+                    self.attend(
+                        &q.narrow(2, t0, len)?,
+                        &k.narrow(2, 0, keys)?,
+                        &v.narrow(2, 0, keys)?,
+                        &mask.narrow(2, t0, len)?.narrow(3, 0, keys)?,
+                        mode,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&blocks, 2)?
+        };
+        out.transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?
+            .apply(&self.o_proj)
+    }
+
+    /// Softmax attention of scaled queries `(B, H, Tq, D)` over keys and values
+    /// `(B, KV, S, D)` with an additive mask `(B, 1, Tq, S)`; returns `(B, H, Tq, D)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let keys = k.dim(2)?;
         // Grouped-query attention without copying K/V: the query heads that share a
         // key/value head are stacked along the sequence axis of one matmul.
         let groups = self.num_heads / self.num_kv_heads;
-        let q = (q * self.scale)?.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
+        let q = q.contiguous()?.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
         let scores = q.matmul(&k.t()?)?;
         let scores = match self.softcap {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
@@ -453,10 +488,7 @@ impl Attention {
         }
         .to_dtype(v.dtype())?
         .reshape((b, self.num_kv_heads, groups * t, keys))?;
-        let out = probs.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
-        out.transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?
-            .apply(&self.o_proj)
+        probs.matmul(&v.contiguous()?)?.reshape((b, self.num_heads, t, self.head_dim))
     }
 }
 
