@@ -1,7 +1,8 @@
 //! Throughput measurements shared by `harness bench` and `cargo bench`: tokens/s and
 //! achieved GFLOP/s, so optimisations are judged by numbers, not impressions.
 
-use crate::model::{Decoder, ModelConfig, Mode};
+use crate::model::{Decoder, LoadedModel, ModelConfig, Mode};
+use crate::score::{self, Group, ScoreOptions};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -57,7 +58,7 @@ pub fn forward(
     let seconds = start.elapsed().as_secs_f64() / iterations as f64;
     let tokens = (batch * seq_len) as f64;
     // Causal attention: position t attends to t+1 keys, (T+1)/2 on average.
-    let flops = tokens * config.forward_flops_per_token(seq_len.div_ceil(2));
+    let flops = tokens * (config.body_flops_per_token(seq_len.div_ceil(2)) + config.head_flops());
     Ok(Throughput {
         what: "forward (all positions, with LM head)".into(),
         batch,
@@ -88,4 +89,83 @@ pub fn matmul_peak(n: usize, iterations: usize, device: &Device) -> Result<Throu
         tokens_per_second: 0.0,
         gflops_per_second: 2.0 * (n as f64).powi(3) / seconds / 1e9,
     })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoringThroughput {
+    pub share_prefix: bool,
+    pub instructions: usize,
+    pub candidates: usize,
+    /// Prompt + response tokens of every candidate: the work a one-pass-per-candidate
+    /// scorer does, and the unit the tokens/s rate is given in.
+    pub candidate_tokens: usize,
+    pub response_tokens: usize,
+    pub seconds: f64,
+    pub candidates_per_second: f64,
+    pub tokens_per_second: f64,
+    /// Useful FLOPs per second: every candidate token through the body, the head at
+    /// response positions only. Shared prompts are counted per candidate, as a plain
+    /// scorer would compute them, so sharing shows up as a higher rate.
+    pub gflops_per_second: f64,
+    pub peak_memory_mib: Option<f64>,
+}
+
+impl std::fmt::Display for ScoringThroughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "scoring, prefix sharing {:<3} {:>4} instructions {:>5} candidates {:>8} tokens {:>7.1} s {:>6.2} cand/s {:>7.1} tokens/s {:>6.1} GFLOP/s  peak {} MiB",
+            if self.share_prefix { "on" } else { "off" },
+            self.instructions,
+            self.candidates,
+            self.candidate_tokens,
+            self.seconds,
+            self.candidates_per_second,
+            self.tokens_per_second,
+            self.gflops_per_second,
+            self.peak_memory_mib.map_or("?".to_string(), |m| format!("{m:.0}")),
+        )
+    }
+}
+
+/// Times `score::score` over `groups`.
+pub fn scoring(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<ScoringThroughput> {
+    let start = Instant::now();
+    let scores = score::score(model, groups, options)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut candidate_tokens = 0;
+    let mut response_tokens = 0;
+    let mut flops = 0.0;
+    let cfg = &model.config;
+    for (group, group_scores) in groups.iter().zip(&scores) {
+        for (response, s) in group.responses.iter().zip(group_scores) {
+            let Some(s) = s else { continue };
+            let pair = model.template.render_pair(&group.prompt, response)?;
+            let tokens = model.tokenizer.encode(&pair.text)?.get_ids().len().min(options.max_len);
+            candidate_tokens += tokens;
+            response_tokens += s.n_tokens;
+            flops += tokens as f64 * cfg.body_flops_per_token(tokens.div_ceil(2)) + s.n_tokens as f64 * cfg.head_flops();
+        }
+    }
+    let candidates: usize = scores.iter().map(|g| g.iter().flatten().count()).sum();
+    Ok(ScoringThroughput {
+        share_prefix: options.share_prefix,
+        instructions: groups.len(),
+        candidates,
+        candidate_tokens,
+        response_tokens,
+        seconds,
+        candidates_per_second: candidates as f64 / seconds,
+        tokens_per_second: candidate_tokens as f64 / seconds,
+        gflops_per_second: flops / seconds / 1e9,
+        peak_memory_mib: peak_memory_mib(),
+    })
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), in MiB.
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

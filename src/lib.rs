@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod error;
 pub mod model;
+pub mod pool;
+pub mod score;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -74,7 +74,7 @@ fn truncated_gguf() {
     let bytes = std::fs::read(STORIES).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["bench", "--shapes", "1x4", "--iterations", "1", "--model"])
+        .args(["bench", "forward", "--shapes", "1x4", "--iterations", "1", "--model"])
         .arg(&path)
         .output()
         .unwrap();

@@ -129,13 +129,19 @@ fn response_loss(model: &Decoder, x: &Tensor, lengths: &[usize]) -> Tensor {
     model.target_logprobs(&hidden, &rows, &targets).unwrap().mean_all().unwrap().neg().unwrap()
 }
 
+/// A tiny trainable model and a padded two-row batch to take gradients on.
+fn trainable(arch: &str, dtype: DType) -> (ModelConfig, Decoder, candle_nn::VarMap, Tensor, Vec<usize>) {
+    let cfg = tiny(arch);
+    let tensors = weights::random(&cfg, 5, &Device::Cpu).unwrap();
+    let (model, vars) = Decoder::trainable(&cfg, tensors, dtype, &Device::Cpu, Path::new("random")).unwrap();
+    let (x, len) = ids(&[&[1, 2, 3, 4, 5, 6, 7, 8, 9], &[9, 8, 7, 30, 31]]);
+    (cfg, model, vars, x, len)
+}
+
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() {
     for arch in ["llama", "gemma3"] {
-        let cfg = tiny(arch);
-        let tensors = weights::random(&cfg, 5, &Device::Cpu).unwrap();
-        let (model, vars) = Decoder::trainable(&cfg, tensors, DType::F32, &Device::Cpu, Path::new("random")).unwrap();
-        let (x, len) = ids(&[&[1, 2, 3, 4, 5, 6, 7, 8, 9], &[9, 8, 7, 30, 31]]);
+        let (cfg, model, vars, x, len) = trainable(arch, DType::F32);
         let grads = response_loss(&model, &x, &len).backward().unwrap();
         let data = vars.data().lock().unwrap();
         assert_eq!(data.len(), weights::expected(&cfg).len());
@@ -152,10 +158,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
 #[test]
 fn gradients_match_finite_differences() {
     for arch in ["llama", "gemma3"] {
-        let cfg = tiny(arch);
-        let tensors = weights::random(&cfg, 5, &Device::Cpu).unwrap();
-        let (model, vars) = Decoder::trainable(&cfg, tensors, DType::F64, &Device::Cpu, Path::new("random")).unwrap();
-        let (x, len) = ids(&[&[1, 2, 3, 4, 5, 6, 7, 8, 9], &[9, 8, 7, 30, 31]]);
+        let (cfg, model, vars, x, len) = trainable(arch, DType::F64);
         let loss = |m: &Decoder| response_loss(m, &x, &len).to_scalar::<f64>().unwrap();
         let grads = response_loss(&model, &x, &len).backward().unwrap();
         let probes = [

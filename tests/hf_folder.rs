@@ -64,28 +64,37 @@ fn single_and_sharded_folders_load_to_the_same_model() {
     }
 }
 
-#[test]
-fn missing_shard_is_named() {
+/// The load error for a stories260K folder in `shards` files after `damage`; `None`
+/// (skipped) when stories260K is not here.
+fn load_error_after(shards: usize, damage: impl FnOnce(&Path)) -> Option<String> {
     if !Path::new(STORIES).exists() {
-        return eprintln!("skipped: {STORIES} is not here");
+        eprintln!("skipped: {STORIES} is not here");
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    write_folder(dir.path(), 2);
-    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let err = model::load(dir.path().to_str().unwrap(), &LoadOptions::default()).err().unwrap().to_string();
+    write_folder(dir.path(), shards);
+    damage(dir.path());
+    Some(model::load(dir.path().to_str().unwrap(), &LoadOptions::default()).err().unwrap().to_string())
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let Some(err) = load_error_after(2, |dir| {
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    }) else {
+        return;
+    };
     assert!(err.contains("model.safetensors.index.json") && err.contains("model-00002-of-00002.safetensors"), "{err}");
 }
 
 #[test]
 fn truncated_safetensors_is_named() {
-    if !Path::new(STORIES).exists() {
-        return eprintln!("skipped: {STORIES} is not here");
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_folder(dir.path(), 1);
-    let path = dir.path().join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = model::load(dir.path().to_str().unwrap(), &LoadOptions::default()).err().unwrap().to_string();
+    let Some(err) = load_error_after(1, |dir| {
+        let path = dir.join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    }) else {
+        return;
+    };
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
 }

@@ -1,46 +1,109 @@
-//! `harness bench`: forward throughput of a model, beside the machine's matmul rate.
+//! `harness bench forward | score`: throughput figures for the closing notes of each change.
 
 use anyhow::Context;
-use clap::Args;
-use grape_harness::{bench, model};
+use clap::{Args, Subcommand};
+use grape_harness::score::ScoreOptions;
+use grape_harness::{bench, model, pool};
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Full forward passes (tokens/s, GFLOP/s) beside the machine's matmul rate.
+    Forward(ForwardArgs),
+    /// Scoring the first instructions of a pool, with prompt sharing on and off.
+    Score(ScoreArgs),
+}
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub struct ModelArg {
     /// A built-in name, a .gguf file or a Hugging Face folder.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArg,
     /// Shapes to time, as BATCHxLEN.
     #[arg(long, value_delimiter = ',', default_value = "8x512,1x512")]
     shapes: Vec<String>,
     #[arg(long, default_value_t = 3)]
     iterations: usize,
-    #[arg(long)]
-    json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let options = model::LoadOptions::default();
-    let m = model::load(&args.model, &options).with_context(|| format!("loading `{}`", args.model))?;
-    let decoder = m.decoder()?;
-    let mut results = vec![bench::matmul_peak(1024, 5, &options.device)?];
-    for shape in &args.shapes {
-        let (batch, len) = shape
-            .split_once('x')
-            .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
-            .with_context(|| format!("shape `{shape}`: expected BATCHxLEN, e.g. 8x512"))?;
-        results.push(bench::forward(decoder, &m.config, batch, len, args.iterations, &options.device)?);
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A JSONL pool (gzip allowed) with instruction_id, prompt, response, source.
+    #[arg(long, default_value_os_t = pool::data_dir().join("pools/alpacaeval-12models.jsonl.gz"))]
+    pool: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    instructions: usize,
+    #[arg(long, default_value_t = ScoreOptions::default().batch_tokens)]
+    batch_tokens: usize,
+    #[arg(long, default_value_t = ScoreOptions::default().max_len)]
+    max_len: usize,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let (model_arg, results) = match &cmd {
+        BenchCommand::Forward(args) => (&args.model, forward(args)?),
+        BenchCommand::Score(args) => (&args.model, score(args)?),
+    };
+    if model_arg.json {
+        let json: Vec<&serde_json::Value> = results.iter().map(|(json, _)| json).collect();
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        println!("model {} ({} parameters), {} threads", args.model, m.config.parameter_count(), cpu_threads());
-        for r in &results {
-            println!("{r}");
+        for (_, line) in &results {
+            println!("{line}");
         }
     }
     Ok(())
 }
 
-fn cpu_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// A measurement as JSON and as the line printed for people.
+type Entry = (serde_json::Value, String);
+
+fn load(arg: &ModelArg) -> anyhow::Result<model::LoadedModel> {
+    model::load(&arg.model, &model::LoadOptions::default()).with_context(|| format!("loading `{}`", arg.model))
+}
+
+fn entry<T: serde::Serialize + std::fmt::Display>(result: T) -> anyhow::Result<Entry> {
+    Ok((serde_json::to_value(&result)?, result.to_string()))
+}
+
+fn forward(args: &ForwardArgs) -> anyhow::Result<Vec<Entry>> {
+    let m = load(&args.model)?;
+    let decoder = m.decoder()?;
+    let mut results = vec![entry(bench::matmul_peak(1024, 5, &m.device)?)?];
+    for shape in &args.shapes {
+        let (batch, len) = shape
+            .split_once('x')
+            .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
+            .with_context(|| format!("shape `{shape}`: expected BATCHxLEN, e.g. 8x512"))?;
+        results.push(entry(bench::forward(decoder, &m.config, batch, len, args.iterations, &m.device)?)?);
+    }
+    Ok(results)
+}
+
+fn score(args: &ScoreArgs) -> anyhow::Result<Vec<Entry>> {
+    let m = load(&args.model)?;
+    let pool = pool::read(&args.pool, &pool::Columns::default(), false)?.truncated(args.instructions);
+    let groups = pool.groups();
+    let mut results = Vec::new();
+    for share_prefix in [true, false] {
+        let options = ScoreOptions {
+            share_prefix,
+            batch_tokens: args.batch_tokens,
+            max_len: args.max_len,
+            progress: true,
+            ..ScoreOptions::default()
+        };
+        results.push(entry(bench::scoring(&m, &groups, &options)?)?);
+    }
+    Ok(results)
 }

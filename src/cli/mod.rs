@@ -20,14 +20,15 @@ pub enum Command {
     /// Fetch, inspect and tokenize with models.
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Measure forward throughput (tokens/s, GFLOP/s).
-    Bench(bench::BenchArgs),
+    /// Measure throughput (tokens/s, GFLOP/s).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

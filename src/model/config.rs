@@ -276,16 +276,20 @@ impl ModelConfig {
         self.num_layers * per_layer + embed + head + self.hidden_size
     }
 
-    /// Multiply-adds of one token's forward pass at context length `context`, times two:
-    /// the usual 2·N matmul FLOPs plus attention scores and values.
-    pub fn forward_flops_per_token(&self, context: usize) -> f64 {
+    /// FLOPs (2 per multiply-add) of one token through the decoder body at context length
+    /// `context`: every weight matrix plus attention scores and values, without the head.
+    pub fn body_flops_per_token(&self, context: usize) -> f64 {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let linear = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
             + 3 * self.hidden_size * self.intermediate_size;
         let attention = 2 * q * context;
-        let head = self.vocab_size * self.hidden_size;
-        2.0 * (self.num_layers * (linear + attention) + head) as f64
+        2.0 * (self.num_layers * (linear + attention)) as f64
+    }
+
+    /// FLOPs of the output projection for one position.
+    pub fn head_flops(&self) -> f64 {
+        2.0 * (self.vocab_size * self.hidden_size) as f64
     }
 
     /// Checks the invariants the decoder relies on, so a bad file fails at load, not mid-run.

@@ -237,26 +237,61 @@ impl KvCache {
     /// Repeats a one-row cache `n` times, so a shared prompt is computed once and then
     /// continued by `n` different responses.
     pub fn expand(&self, n: usize) -> Result<Self> {
-        if self.slots.len() != 1 {
-            candle_core::bail!("expand needs a one-row cache, this one has {} rows", self.slots.len())
-        }
-        let repeat = |t: &Tensor| -> Result<Tensor> {
-            let mut dims = t.dims().to_vec();
-            dims[0] = n;
-            t.broadcast_as(dims)?.contiguous()
+        Self::stack(&[(self, n)])
+    }
+
+    /// One batch from several one-row caches, each repeated: `(prompt cache, number of
+    /// continuations)`. Shorter prompts are padded on the right with slots no query sees,
+    /// so prompts of different lengths share one forward pass.
+    pub fn stack(parts: &[(&KvCache, usize)]) -> Result<Self> {
+        let Some((first, _)) = parts.first() else {
+            candle_core::bail!("stacking needs at least one cache")
         };
-        let layers = self
-            .layers
+        // A fresh cache (no rows yet) stacks as one empty row.
+        if let Some((bad, _)) = parts.iter().find(|(c, _)| c.slots.len() > 1 || c.layers.len() != first.layers.len()) {
+            candle_core::bail!(
+                "stack needs one-row caches of {} layers, got {} rows of {} layers",
+                first.layers.len(),
+                bad.slots.len(),
+                bad.layers.len()
+            )
+        }
+        let width = parts.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for layer in 0..first.layers.len() {
+            // (1, KV, S, D) of any non-empty part tells the shape of the padding.
+            let Some((like, _)) = parts.iter().find_map(|(c, _)| c.layers[layer].as_ref()) else {
+                layers.push(None);
+                continue;
+            };
+            let (_, kv_heads, _, head_dim) = like.dims4()?;
+            let widen = |t: Option<&Tensor>, n: usize| -> Result<Tensor> {
+                let have = t.map_or(Ok(0), |t| t.dim(2))?;
+                let pad = Tensor::zeros((1, kv_heads, width - have, head_dim), like.dtype(), like.device())?;
+                let row = match t {
+                    Some(t) if have < width => Tensor::cat(&[t, &pad], 2)?,
+                    Some(t) => t.clone(),
+                    None => pad,
+                };
+                row.broadcast_as((n, kv_heads, width, head_dim))?.contiguous()
+            };
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for (cache, n) in parts {
+                let kv = cache.layers[layer].as_ref();
+                ks.push(widen(kv.map(|(k, _)| k), *n)?);
+                vs.push(widen(kv.map(|(_, v)| v), *n)?);
+            }
+            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let slots = parts
             .iter()
-            .map(|kv| match kv {
-                Some((k, v)) => Ok(Some((repeat(k)?, repeat(v)?))),
-                None => Ok(None),
+            .flat_map(|(cache, n)| {
+                let mut row = cache.slots.first().cloned().unwrap_or_default();
+                row.resize(width, None);
+                std::iter::repeat_n(row, *n)
             })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            slots: vec![self.slots[0].clone(); n],
-        })
+            .collect();
+        Ok(Self { layers, slots })
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {

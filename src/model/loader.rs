@@ -50,6 +50,8 @@ pub struct LoadedModel {
     pub decoder: Option<Decoder>,
     /// Kept so a trainer can turn them into variables without reading the file again.
     pub tensors: Option<TensorMap>,
+    /// Where the decoder's weights live (inputs must be created there).
+    pub device: Device,
 }
 
 impl LoadedModel {
@@ -67,6 +69,7 @@ pub fn load(name_or_path: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let tensors = model.tensors.take().expect("read with weights");
     let path = model.files.weights.clone();
     model.decoder = Some(Decoder::from_tensors(&model.config, tensors, options.dtype, &options.device, &path)?);
+    model.device = options.device.clone();
     Ok(model)
 }
 
@@ -125,6 +128,7 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
         template,
         decoder: None,
         tensors,
+        device: Device::Cpu,
     })
 }
 

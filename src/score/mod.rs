@@ -1,0 +1,281 @@
+//! log π(response | prompt) for every candidate under the target model: GRAPE's one number
+//! per candidate, computed exactly as training will see the pair (same chat template, same
+//! end-of-turn token) and as fast as the machine allows.
+//!
+//! Speed comes from three things. Each prompt runs once and its KV cache is shared by all
+//! of its candidates. Batches are filled to a token budget from length-sorted candidates,
+//! with the prompt caches of several instructions stacked into one batch. The output
+//! projection and log-softmax run only at response positions.
+
+use crate::model::{KvCache, LoadedModel, Mode};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+
+/// One instruction's prompt and its candidate responses.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub prompt: String,
+    pub responses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    /// Sum of log-probabilities of the response tokens (end-of-turn token included).
+    pub sum_logprob: f64,
+    pub n_tokens: usize,
+    /// UTF-8 bytes of the response text, for per-byte normalisation.
+    pub n_bytes: usize,
+    /// The pair was longer than `max_len` and only its first `max_len` tokens were scored.
+    pub truncated: bool,
+    pub token_logprobs: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Score the first `max_len` tokens and flag the candidate.
+    Truncate,
+    /// Leave the candidate unscored.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    /// Longest prompt + response, in tokens.
+    pub max_len: usize,
+    /// Rows x padded length of one batch's continuations.
+    pub batch_tokens: usize,
+    pub share_prefix: bool,
+    pub keep_token_logprobs: bool,
+    pub overflow: Overflow,
+    pub progress: bool,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            max_len: 2048,
+            batch_tokens: 4096,
+            share_prefix: true,
+            keep_token_logprobs: false,
+            overflow: Overflow::Truncate,
+            progress: false,
+        }
+    }
+}
+
+/// A candidate after rendering and tokenization.
+struct Encoded {
+    group: usize,
+    index: usize,
+    ids: Vec<u32>,
+    /// Which of `ids` are response tokens (scored).
+    response: Vec<bool>,
+    n_bytes: usize,
+    truncated: bool,
+}
+
+/// Scores every response of every group: `result[g][i]` is `None` only when the pair was
+/// too long and `Overflow::Skip` is set.
+pub fn score(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<Vec<Vec<Option<Score>>>> {
+    let decoder = model.decoder()?;
+    let device = model.device.clone();
+    let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
+    let encoded = encode_all(model, groups, options)?;
+
+    // Tokens every candidate of a group shares, minus one: the last shared token's
+    // successor must be in the continuation, where its predicting hidden state is.
+    let mut by_group: HashMap<usize, Vec<&Encoded>> = HashMap::new();
+    for e in &encoded {
+        by_group.entry(e.group).or_default().push(e);
+    }
+    let shared: HashMap<usize, usize> = by_group
+        .iter()
+        .map(|(&g, members)| {
+            let first_response = members.iter().map(|e| first_true(&e.response)).min().unwrap_or(0);
+            let prefix = if options.share_prefix { common_prefix(members) } else { 0 };
+            (g, prefix.min(first_response.saturating_sub(1)))
+        })
+        .collect();
+
+    let mut order: Vec<&Encoded> = encoded.iter().collect();
+    // Groups stay together (their prompt cache is built once); longest groups first so a
+    // budget overflow shows at once; within a group, longest continuations first.
+    let group_len = |g: usize| by_group[&g].iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    order.sort_by_key(|e| (std::cmp::Reverse(group_len(e.group)), e.group, std::cmp::Reverse(e.ids.len())));
+
+    let total_tokens: u64 = order.iter().map(|e| e.ids.len() as u64).sum();
+    let bar = progress_bar(options.progress, total_tokens);
+    let mut prompt_caches: HashMap<usize, (KvCache, usize)> = HashMap::new();
+    let mut start = 0;
+    while start < order.len() {
+        let end = batch_end(&order, start, &shared, options.batch_tokens);
+        let batch = &order[start..end];
+        start = end;
+
+        for e in batch {
+            if !prompt_caches.contains_key(&e.group) {
+                let prefix = &e.ids[..shared[&e.group]];
+                let mut cache = KvCache::new(model.config.num_layers);
+                if !prefix.is_empty() {
+                    let x = Tensor::new(prefix, &device)?.unsqueeze(0)?;
+                    decoder.forward(&x, &[prefix.len()], Some(&mut cache), Mode::Infer)?;
+                }
+                let remaining = by_group[&e.group].len();
+                prompt_caches.insert(e.group, (cache, remaining));
+            }
+        }
+        let parts: Vec<(&KvCache, usize)> = batch.iter().map(|e| (&prompt_caches[&e.group].0, 1)).collect();
+        let mut cache = KvCache::stack(&parts)?;
+
+        let continuations: Vec<&[u32]> = batch.iter().map(|e| &e.ids[shared[&e.group]..]).collect();
+        let width = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
+        let lengths: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
+        let mut flat = Vec::with_capacity(batch.len() * width);
+        for c in &continuations {
+            flat.extend_from_slice(c);
+            flat.resize(flat.len() + width - c.len(), 0);
+        }
+        let x = Tensor::from_vec(flat, (batch.len(), width), &device)?;
+        let hidden = decoder.forward(&x, &lengths, Some(&mut cache), Mode::Infer)?;
+
+        let (mut rows, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, e) in batch.iter().enumerate() {
+            let offset = shared[&e.group];
+            for j in 1..continuations[b].len() {
+                if e.response[offset + j] {
+                    rows.push((b * width + j - 1) as u32);
+                    targets.push(continuations[b][j]);
+                    owners.push(b);
+                }
+            }
+        }
+        let logprobs: Vec<f32> = decoder.target_logprobs(&hidden, &rows, &targets)?.to_vec1()?;
+        let mut per_row: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        for (owner, lp) in owners.into_iter().zip(logprobs) {
+            per_row[owner].push(lp);
+        }
+        for (e, lps) in batch.iter().zip(per_row) {
+            results[e.group][e.index] = Some(Score {
+                sum_logprob: lps.iter().map(|&x| x as f64).sum(),
+                n_tokens: lps.len(),
+                n_bytes: e.n_bytes,
+                truncated: e.truncated,
+                token_logprobs: options.keep_token_logprobs.then_some(lps),
+            });
+            let entry = prompt_caches.get_mut(&e.group).expect("built above");
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                prompt_caches.remove(&e.group);
+            }
+        }
+        bar.inc(batch.iter().map(|e| e.ids.len() as u64).sum());
+    }
+    bar.finish_and_clear();
+    Ok(results)
+}
+
+/// The obvious computation, for checking `score`: each candidate alone, the whole
+/// sequence, no cache, no batching.
+pub fn score_naive(model: &LoadedModel, group: &Group, options: &ScoreOptions) -> Result<Vec<Option<Score>>> {
+    let decoder = model.decoder()?;
+    let device = model.device.clone();
+    let encoded = encode_all(model, std::slice::from_ref(group), options)?;
+    let mut results = vec![None; group.responses.len()];
+    for e in encoded {
+        let x = Tensor::new(e.ids.as_slice(), &device)?.unsqueeze(0)?;
+        let hidden = decoder.forward(&x, &[e.ids.len()], None, Mode::Infer)?;
+        let (rows, targets): (Vec<u32>, Vec<u32>) =
+            (1..e.ids.len()).filter(|&t| e.response[t]).map(|t| ((t - 1) as u32, e.ids[t])).unzip();
+        let lps: Vec<f32> = decoder.target_logprobs(&hidden, &rows, &targets)?.to_vec1()?;
+        results[e.index] = Some(Score {
+            sum_logprob: lps.iter().map(|&x| x as f64).sum(),
+            n_tokens: lps.len(),
+            n_bytes: e.n_bytes,
+            truncated: e.truncated,
+            token_logprobs: options.keep_token_logprobs.then_some(lps),
+        });
+    }
+    Ok(results)
+}
+
+/// Renders and tokenizes every pair once; the response boundary comes from character
+/// offsets of this one joint tokenization.
+fn encode_all(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<Vec<Encoded>> {
+    let mut out = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for (i, response) in group.responses.iter().enumerate() {
+            let pair = model.template.render_pair(&group.prompt, response)?;
+            let encoding = model.tokenizer.encode(&pair.text)?;
+            let mut ids = encoding.get_ids().to_vec();
+            let mut response_mask = crate::model::chat::response_mask(encoding.get_offsets(), pair.response_start);
+            let first = first_true(&response_mask);
+            if first == response_mask.len() || first == 0 {
+                return Err(Error::Invalid(format!(
+                    "instruction {g}, candidate {i}: the chat template left no response tokens to score \
+                     (or no prompt token before them)"
+                )));
+            }
+            let truncated = ids.len() > options.max_len;
+            if truncated {
+                // Nothing of the response would remain: such a pair cannot be scored at all.
+                if options.overflow == Overflow::Skip || first + 1 >= options.max_len {
+                    continue;
+                }
+                ids.truncate(options.max_len);
+                response_mask.truncate(options.max_len);
+            }
+            out.push(Encoded {
+                group: g,
+                index: i,
+                ids,
+                response: response_mask,
+                n_bytes: response.len(),
+                truncated,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn first_true(mask: &[bool]) -> usize {
+    mask.iter().position(|&m| m).unwrap_or(mask.len())
+}
+
+fn common_prefix(members: &[&Encoded]) -> usize {
+    let Some(first) = members.first() else { return 0 };
+    members.iter().skip(1).fold(first.ids.len(), |len, e| {
+        first.ids[..len].iter().zip(&e.ids).take_while(|(a, b)| a == b).count()
+    })
+}
+
+/// The end of the batch that starts at `start`: rows are added while rows x the longest
+/// continuation stays within the budget (always at least one row).
+fn batch_end(order: &[&Encoded], start: usize, shared: &HashMap<usize, usize>, budget: usize) -> usize {
+    let mut width = 0;
+    let mut end = start;
+    while end < order.len() {
+        let e = order[end];
+        let len = e.ids.len() - shared[&e.group];
+        let new_width = width.max(len);
+        if end > start && (end - start + 1) * new_width > budget {
+            break;
+        }
+        width = new_width;
+        end += 1;
+    }
+    end
+}
+
+fn progress_bar(visible: bool, total_tokens: u64) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_tokens);
+    bar.set_style(
+        ProgressStyle::with_template("scoring {bar:40} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}")
+            .expect("static template"),
+    );
+    bar
+}
