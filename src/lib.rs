@@ -6,6 +6,7 @@ pub mod error;
 pub mod model;
 pub mod pool;
 pub mod score;
+pub mod select;
 pub mod util;
 
 pub use error::{Error, Result};

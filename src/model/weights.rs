@@ -3,6 +3,7 @@
 //! and benchmarks in any real shape.
 
 use super::config::{Architecture, ModelConfig};
+use crate::util::Rng;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -95,34 +96,25 @@ pub fn random(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<TensorMap
         .collect()
 }
 
-/// splitmix64 + Box-Muller: tiny, portable and reproducible, unlike thread-local RNGs.
+/// Box-Muller over the harness's seeded RNG.
 struct Normal {
-    state: u64,
+    rng: Rng,
     spare: Option<f32>,
 }
 
 impl Normal {
     fn new(seed: u64) -> Self {
         Self {
-            state: seed,
+            rng: Rng::new(seed),
             spare: None,
         }
-    }
-
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
     fn sample(&mut self) -> f32 {
         if let Some(x) = self.spare.take() {
             return x;
         }
-        let (u1, u2) = (self.uniform(), self.uniform());
+        let (u1, u2) = (self.rng.uniform(), self.rng.uniform());
         let r = (-2.0 * u1.ln()).sqrt();
         let theta = 2.0 * std::f64::consts::PI * u2;
         self.spare = Some((r * theta.sin()) as f32);

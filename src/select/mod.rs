@@ -1,0 +1,167 @@
+//! Selectors: which candidate responses of a pool become the SFT data.
+//!
+//! Every selector implements [`Selector`] and is found by name in [`REGISTRY`]: adding one
+//! is adding a file and a line there. Each is deterministic for a given seed and records
+//! why it picked what it picked.
+
+mod grape;
+mod random;
+mod strongest;
+
+use crate::pool::Pool;
+use crate::score::Score;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// What a selector sees: the pool, the scores (`scores[i][j]` for candidate `j` of
+/// instruction `i`, `None` if unscored) when it needs them, and the seed.
+pub struct SelectInput<'a> {
+    pub pool: &'a Pool,
+    pub scores: Option<&'a [Vec<Option<Score>>]>,
+    pub seed: u64,
+}
+
+impl SelectInput<'_> {
+    fn scores(&self, selector: &str) -> Result<&[Vec<Option<Score>>]> {
+        let scores = self
+            .scores
+            .ok_or_else(|| Error::Invalid(format!("selector `{selector}` needs scores; score the pool first")))?;
+        if scores.len() != self.pool.instructions.len() {
+            return Err(Error::Invalid(format!(
+                "scores cover {} instructions but the pool has {}",
+                scores.len(),
+                self.pool.instructions.len()
+            )));
+        }
+        Ok(scores)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pick {
+    pub instruction: usize,
+    pub candidate: usize,
+    /// The score the choice was made on, when there was one.
+    pub score: Option<f64>,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub selector: String,
+    pub picks: Vec<Pick>,
+    /// Instructions worth a look: a single candidate, none scored, too few to sample from.
+    pub flagged: Vec<String>,
+}
+
+pub trait Selector {
+    fn name(&self) -> &'static str;
+    fn select(&self, input: &SelectInput) -> Result<Selection>;
+}
+
+/// `key=value` parameters from the command line or an experiment file.
+pub type Params = BTreeMap<String, String>;
+
+type Build = fn(&Params) -> Result<Box<dyn Selector>>;
+
+/// Every selector, by name, with a one-line description.
+pub const REGISTRY: &[(&str, &str, Build)] = &[
+    ("grape", "the highest-scoring k responses per instruction (normalize: sum | mean | bytes)", grape::build_highest),
+    ("lowest", "the lowest-scoring k responses per instruction (the paper's \"Worst\")", grape::build_lowest),
+    ("random", "k uniformly random responses per instruction", random::build_random),
+    ("strongest", "only the responses of one named source model", strongest::build),
+    ("upscale", "`factor` (default 3) times as many random responses per instruction", random::build_upscale),
+];
+
+pub fn build(name: &str, params: &Params) -> Result<Box<dyn Selector>> {
+    let (_, _, build) = REGISTRY.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+        let known: Vec<&str> = REGISTRY.iter().map(|(n, _, _)| *n).collect();
+        Error::Invalid(format!("unknown selector `{name}` (known: {})", known.join(", ")))
+    })?;
+    build(params)
+}
+
+/// Typed access to a selector's parameters; unknown keys and bad values are errors that
+/// name the selector, the key and what was expected.
+struct ParamReader<'a> {
+    selector: &'static str,
+    params: &'a Params,
+}
+
+impl<'a> ParamReader<'a> {
+    fn new(selector: &'static str, params: &'a Params, known: &[&str]) -> Result<Self> {
+        if let Some(key) = params.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(Error::Invalid(format!(
+                "selector `{selector}`: unknown parameter `{key}` (expected one of: {})",
+                known.join(", ")
+            )));
+        }
+        Ok(Self { selector, params })
+    }
+
+    fn get<T: std::str::FromStr>(&self, key: &str, default: T, expected: &str) -> Result<T> {
+        match self.params.get(key) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                Error::Invalid(format!("selector `{}`: parameter `{key}={v}`: expected {expected}", self.selector))
+            }),
+        }
+    }
+
+    fn positive(&self, key: &str, default: usize) -> Result<usize> {
+        let value = self.get(key, default, "a positive integer")?;
+        if value == 0 {
+            return Err(Error::Invalid(format!("selector `{}`: `{key}` must be at least 1", self.selector)));
+        }
+        Ok(value)
+    }
+}
+
+/// One row of the manifest: what was picked, from whom, on what score, and why.
+#[derive(Serialize)]
+struct ManifestRow<'a> {
+    instruction_id: &'a str,
+    candidate: usize,
+    source: &'a str,
+    score: Option<f64>,
+    selector: &'a str,
+    why: &'a str,
+}
+
+/// Writes `manifest.jsonl` and `sft.jsonl` (the `messages` format TRL, open-instruct and
+/// axolotl read) into `dir`.
+pub fn write(selection: &Selection, pool: &Pool, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let manifest_path = dir.join("manifest.jsonl");
+    let sft_path = dir.join("sft.jsonl");
+    let mut manifest = Vec::new();
+    let mut sft = Vec::new();
+    for pick in &selection.picks {
+        let instruction = &pool.instructions[pick.instruction];
+        let candidate = &instruction.candidates[pick.candidate];
+        let row = ManifestRow {
+            instruction_id: &instruction.id,
+            candidate: pick.candidate,
+            source: &candidate.source,
+            score: pick.score,
+            selector: &selection.selector,
+            why: &pick.why,
+        };
+        serde_json::to_writer(&mut manifest, &row).expect("plain data serialises");
+        manifest.push(b'\n');
+        let messages = serde_json::json!({"messages": [
+            {"role": "user", "content": instruction.prompt},
+            {"role": "assistant", "content": candidate.response},
+        ]});
+        serde_json::to_writer(&mut sft, &messages).expect("plain data serialises");
+        sft.push(b'\n');
+    }
+    for (path, bytes) in [(&manifest_path, manifest), (&sft_path, sft)] {
+        let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        file.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}

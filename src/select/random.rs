@@ -1,0 +1,55 @@
+//! `random` and `upscale`: uniformly random responses per instruction, without
+//! replacement, from a seeded RNG.
+
+use super::{ParamReader, Params, Pick, SelectInput, Selection, Selector};
+use crate::util::Rng;
+use crate::Result;
+
+pub struct Random {
+    name: &'static str,
+    per_instruction: usize,
+}
+
+pub fn build_random(params: &Params) -> Result<Box<dyn Selector>> {
+    let p = ParamReader::new("random", params, &["k"])?;
+    Ok(Box::new(Random { name: "random", per_instruction: p.positive("k", 1)? }))
+}
+
+/// The paper's "3x data": `factor` times as many responses as the one GRAPE keeps.
+pub fn build_upscale(params: &Params) -> Result<Box<dyn Selector>> {
+    let p = ParamReader::new("upscale", params, &["factor"])?;
+    Ok(Box::new(Random { name: "upscale", per_instruction: p.positive("factor", 3)? }))
+}
+
+impl Selector for Random {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn select(&self, input: &SelectInput) -> Result<Selection> {
+        let mut rng = Rng::new(input.seed);
+        let mut picks = Vec::new();
+        let mut flagged = Vec::new();
+        for (i, instruction) in input.pool.instructions.iter().enumerate() {
+            let n = instruction.candidates.len();
+            if n < self.per_instruction {
+                flagged.push(format!(
+                    "instruction `{}`: {n} candidates, fewer than {} asked; all kept",
+                    instruction.id, self.per_instruction
+                ));
+            }
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            for &j in order.iter().take(self.per_instruction) {
+                let score = input.scores.and_then(|s| s.get(i)?.get(j)?.as_ref()).map(|s| s.sum_logprob);
+                picks.push(Pick {
+                    instruction: i,
+                    candidate: j,
+                    score,
+                    why: format!("uniform draw {} of {} (seed {})", order.iter().position(|&o| o == j).unwrap_or(0) + 1, n, input.seed),
+                });
+            }
+        }
+        Ok(Selection { selector: self.name.to_string(), picks, flagged })
+    }
+}
