@@ -13,6 +13,9 @@ use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 
+/// Instructions whose candidates are sorted together (see `score`).
+const GROUPS_PER_CHUNK: usize = 256;
+
 /// One instruction's prompt and its candidate responses.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -99,11 +102,13 @@ pub fn score(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> R
         })
         .collect();
 
+    // Longest continuations first across instructions, so rows of a batch have similar
+    // lengths (the candidates of one prompt differ widely) and memory peaks at once. Prompt
+    // caches live until their last candidate is scored; sorting within chunks of
+    // instructions bounds how many are alive.
+    let continuation = |e: &Encoded| e.ids.len() - shared[&e.group];
     let mut order: Vec<&Encoded> = encoded.iter().collect();
-    // Groups stay together (their prompt cache is built once); longest groups first so a
-    // budget overflow shows at once; within a group, longest continuations first.
-    let group_len = |g: usize| by_group[&g].iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    order.sort_by_key(|e| (std::cmp::Reverse(group_len(e.group)), e.group, std::cmp::Reverse(e.ids.len())));
+    order.sort_by_key(|e| (e.group / GROUPS_PER_CHUNK, std::cmp::Reverse(continuation(e)), e.group, e.index));
 
     let total_tokens: u64 = order.iter().map(|e| e.ids.len() as u64).sum();
     let bar = progress_bar(options.progress, total_tokens);
