@@ -47,6 +47,9 @@ pub struct ScoreArgs {
     batch_tokens: usize,
     #[arg(long, default_value_t = ScoreOptions::default().max_len)]
     max_len: usize,
+    /// Prompt sharing: on, off, or both (to compare).
+    #[arg(long, value_parser = ["on", "off", "both"], default_value = "both")]
+    share: String,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -95,7 +98,12 @@ fn score(args: &ScoreArgs) -> anyhow::Result<Vec<Entry>> {
     let pool = pool::read(&args.pool, &pool::Columns::default(), false)?.truncated(args.instructions);
     let groups = pool.groups();
     let mut results = Vec::new();
-    for share_prefix in [true, false] {
+    let modes: &[bool] = match args.share.as_str() {
+        "on" => &[true],
+        "off" => &[false],
+        _ => &[true, false],
+    };
+    for &share_prefix in modes {
         let options = ScoreOptions {
             share_prefix,
             batch_tokens: args.batch_tokens,
