@@ -101,6 +101,10 @@ impl Model {
         self.norm.forward(&x, mode)
     }
 
+    pub fn vocab_size(&self) -> Result<usize> {
+        self.lm_head.weight().dim(0)
+    }
+
     /// Vocabulary logits for hidden-state rows `(N, H) -> (N, V)`, soft-capped if configured.
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = self.lm_head.forward(hidden)?;

@@ -94,6 +94,10 @@ impl Model {
         self.norm.forward(&x, mode)
     }
 
+    pub fn vocab_size(&self) -> Result<usize> {
+        self.lm_head.weight().dim(0)
+    }
+
     /// Vocabulary logits for hidden-state rows `(N, H) -> (N, V)`.
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)

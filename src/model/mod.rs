@@ -101,6 +101,14 @@ impl Decoder {
         })
     }
 
+    /// Rows of the output projection.
+    pub fn vocab_size(&self) -> Result<usize> {
+        Ok(match self {
+            Decoder::Llama(m) => m.vocab_size()?,
+            Decoder::Gemma3(m) => m.vocab_size()?,
+        })
+    }
+
     /// Logits `(B, V)` at each row's last real token.
     pub fn last_logits(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (_, t, _) = hidden.dims3()?;
@@ -124,9 +132,8 @@ impl Decoder {
             )));
         }
         let device = hidden.device();
-        let vocab = self.project(&gather_rows(hidden, &rows[..rows.len().min(1)])?)?.dim(1)?;
         // About 64 MiB of f32 logits per chunk.
-        let chunk = (16 * 1024 * 1024 / vocab).max(1);
+        let chunk = (16 * 1024 * 1024 / self.vocab_size()?).max(1);
         let mut parts = Vec::new();
         for (row_chunk, target_chunk) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
             let logits = at_least_f32(&self.project(&gather_rows(hidden, row_chunk)?)?)?;
