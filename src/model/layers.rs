@@ -334,8 +334,11 @@ impl Step {
             candle_core::bail!("cache holds {} rows but the batch has {batch}", past_slots.len())
         }
         let past = past_slots.first().map_or(0, Vec::len);
-        let starts = cache.map_or_else(|| vec![0; batch], KvCache::next_positions);
-        let starts = if starts.is_empty() { vec![0; batch] } else { starts };
+        // A fresh cache (no rows yet) starts every row at position 0.
+        let starts = match cache {
+            Some(c) if !c.slots.is_empty() => c.next_positions(),
+            _ => vec![0; batch],
+        };
 
         let mut ids = Vec::with_capacity(batch * len);
         let mut new_slots = Vec::with_capacity(batch);
