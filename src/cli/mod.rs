@@ -2,6 +2,8 @@
 
 mod bench;
 mod model;
+mod pool;
+mod score;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,13 @@ pub enum Command {
     /// Fetch, inspect and tokenize with models.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Score every candidate of a pool with a model into a score store (Parquet).
+    Score(score::ScoreArgs),
+    /// Select SFT data from a pool with a registered selector.
+    Select(score::SelectArgs),
+    /// Describe a pool, its scores and selections.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     /// Measure throughput (tokens/s, GFLOP/s).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -28,6 +37,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
+        Command::Score(args) => score::run_score(args),
+        Command::Select(args) => score::run_select(args),
+        Command::Pool(cmd) => pool::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

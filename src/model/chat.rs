@@ -126,6 +126,8 @@ pub struct ChatTemplate {
     name: &'static str,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// sha256 of the template text and its special tokens: part of a model's fingerprint.
+    digest: String,
 }
 
 impl ChatTemplate {
@@ -151,6 +153,9 @@ impl ChatTemplate {
         // Templates call Python string methods such as `.strip()` and `.startswith()`.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        let digest = crate::util::sha256_bytes(
+            format!("{name}\0{text}\0{bos_token:?}\0{eos_token:?}").as_bytes(),
+        );
         env.add_template_owned(name, text)
             .map_err(|e| Error::Template(format!("{name}: cannot compile: {e}")))?;
         Ok(ChatTemplate {
@@ -158,6 +163,7 @@ impl ChatTemplate {
             name,
             bos_token,
             eos_token,
+            digest,
         })
     }
 
@@ -171,6 +177,10 @@ impl ChatTemplate {
 
     pub fn name(&self) -> &str {
         self.name
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

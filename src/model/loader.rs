@@ -52,6 +52,10 @@ pub struct LoadedModel {
     pub tensors: Option<TensorMap>,
     /// Where the decoder's weights live (inputs must be created there).
     pub device: Device,
+    /// sha256 of the weight files (a built-in's pinned hash); `None` when only inspected.
+    /// Whoever swaps in other weights must set it, or scores would be stored under the
+    /// old model's fingerprint.
+    pub weights_sha256: Option<String>,
 }
 
 impl LoadedModel {
@@ -59,6 +63,21 @@ impl LoadedModel {
         self.decoder
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("model `{}` was inspected, not loaded", self.name)))
+    }
+
+    /// What a score depends on besides the pair: weights, tokenizer and chat template.
+    /// The score store refuses scores made under another fingerprint.
+    pub fn fingerprint(&self) -> Result<String> {
+        let weights = self
+            .weights_sha256
+            .as_deref()
+            .ok_or_else(|| Error::Invalid(format!("model `{}` has no weights to fingerprint", self.name)))?;
+        let text = format!(
+            "weights {weights}\ntokenizer {}\ntemplate {}\n",
+            self.tokenizer.digest()?,
+            self.template.digest()
+        );
+        Ok(crate::util::sha256_bytes(text.as_bytes()))
     }
 }
 
@@ -119,6 +138,7 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
 
     check_vocabulary(&tokenizer, &config, &weights_path)?;
     let template = choose_template(template_choice, own_template, &tokenizer)?;
+    let weights_sha256 = if with_weights { Some(weights_digest(&files)?) } else { None };
     Ok(LoadedModel {
         name: name_or_path.to_string(),
         files,
@@ -129,7 +149,32 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
         decoder: None,
         tensors,
         device: Device::Cpu,
+        weights_sha256,
     })
+}
+
+/// A GGUF file's sha256, or for a Hugging Face folder the hash of its config's and
+/// safetensors files' hashes.
+fn weights_digest(files: &ModelFiles) -> Result<String> {
+    if let Some(builtin) = files.builtin {
+        return Ok(builtin.sha256.to_string());
+    }
+    let path = &files.weights;
+    if !path.is_dir() {
+        return pull::file_sha256(path);
+    }
+    let mut names: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors") || p.ends_with("config.json"))
+        .collect();
+    names.sort();
+    let mut listing = String::new();
+    for file in &names {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        listing.push_str(&format!("{name} {}\n", pull::file_sha256(file)?));
+    }
+    Ok(crate::util::sha256_bytes(listing.as_bytes()))
 }
 
 /// Every ordinary token needs an embedding row. Added special tokens past the last row

@@ -690,6 +690,25 @@ fn check(path: &Path, expected: &str, marker: &Path) -> Result<Check> {
     Ok(Check::Valid)
 }
 
+/// The sha256 of any file, remembered by size and mtime as verified built-ins are, so
+/// fingerprinting a multi-gigabyte model costs one hash per change of the file.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let path = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+    let key = crate::util::sha256_bytes(path.to_string_lossy().as_bytes());
+    let marker = cache_dir().join("digests").join(&key[..32]);
+    if let Ok(recorded) = fs::read_to_string(&marker) {
+        if let Some((sha, _)) = recorded.split_once(' ') {
+            if stamp(&path, sha, &meta).is_some_and(|fresh| fresh == recorded) {
+                return Ok(sha.to_string());
+            }
+        }
+    }
+    let sha = sha256_file(&path)?;
+    remember(&path, &sha, &marker);
+    Ok(sha)
+}
+
 fn stamp(path: &Path, expected: &str, meta: &fs::Metadata) -> Option<String> {
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
     Some(format!(

@@ -263,6 +263,17 @@ impl Tokenizer {
     pub fn id_of(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// sha256 of the whole tokenizer (vocabulary, merges, normalisation, special tokens):
+    /// part of a model's fingerprint, since any of them changes what is scored.
+    pub fn digest(&self) -> Result<String> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialise the tokenizer: {e}")))?;
+        let special = format!("{:?} {:?} {}", self.bos.as_ref().map(|t| t.id), self.eos.as_ref().map(|t| t.id), self.add_bos);
+        Ok(crate::util::sha256_bytes(format!("{json}\0{special}").as_bytes()))
+    }
 }
 
 /// The first occurrence wins when a vocabulary lists a token twice, as in llama.cpp.

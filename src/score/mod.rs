@@ -7,6 +7,10 @@
 //! with the prompt caches of several instructions stacked into one batch. The output
 //! projection and log-softmax run only at response positions.
 
+mod store;
+
+pub use store::{pair_hash, ScoreStore};
+
 use crate::model::{KvCache, LoadedModel, Mode};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -82,6 +86,65 @@ struct Encoded {
 /// Scores every response of every group: `result[g][i]` is `None` only when the pair was
 /// too long and `Overflow::Skip` is set.
 pub fn score(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<Vec<Vec<Option<Score>>>> {
+    score_with(model, groups, options, |_| Ok(()))
+}
+
+/// [`score`], serving what `store` already holds and saving every new batch to it as soon
+/// as it is computed. Returns the scores and how many were computed afresh.
+pub fn score_stored(
+    model: &LoadedModel,
+    groups: &[Group],
+    options: &ScoreOptions,
+    store: &mut ScoreStore,
+) -> Result<(Vec<Vec<Option<Score>>>, usize)> {
+    let keys: Vec<Vec<String>> =
+        groups.iter().map(|g| g.responses.iter().map(|r| pair_hash(&g.prompt, r)).collect()).collect();
+    let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
+    // What is still to score: (group, candidate) of each missing response, grouped again.
+    let mut missing: Vec<(Group, Vec<(usize, usize)>)> = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let mut todo = (Group { prompt: group.prompt.clone(), responses: Vec::new() }, Vec::new());
+        for (i, response) in group.responses.iter().enumerate() {
+            let stored = store
+                .get(options.max_len, &keys[g][i])
+                .filter(|s| !options.keep_token_logprobs || s.token_logprobs.is_some());
+            match stored {
+                // A pair stored truncated is one that `Overflow::Skip` leaves unscored.
+                Some(s) => results[g][i] = (!s.truncated || options.overflow == Overflow::Truncate).then(|| s.clone()),
+                None => {
+                    todo.0.responses.push(response.clone());
+                    todo.1.push((g, i));
+                }
+            }
+        }
+        if !todo.1.is_empty() {
+            missing.push(todo);
+        }
+    }
+    let (todo_groups, origins): (Vec<Group>, Vec<Vec<(usize, usize)>>) = missing.into_iter().unzip();
+    let fresh = score_with(model, &todo_groups, options, |batch| {
+        let rows = batch.iter().map(|&(g, i, s)| {
+            let (og, oi) = origins[g][i];
+            (keys[og][oi].clone(), s.clone())
+        });
+        store.append(options.max_len, rows.collect())
+    })?;
+    let mut computed = 0;
+    for (scores, origin) in fresh.into_iter().zip(&origins) {
+        for (score, &(g, i)) in scores.into_iter().zip(origin) {
+            computed += usize::from(score.is_some());
+            results[g][i] = score;
+        }
+    }
+    Ok((results, computed))
+}
+
+fn score_with(
+    model: &LoadedModel,
+    groups: &[Group],
+    options: &ScoreOptions,
+    mut on_batch: impl FnMut(&[(usize, usize, &Score)]) -> Result<()>,
+) -> Result<Vec<Vec<Option<Score>>>> {
     let decoder = model.decoder()?;
     let device = model.device.clone();
     let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
@@ -175,6 +238,11 @@ pub fn score(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> R
                 prompt_caches.remove(&e.group);
             }
         }
+        let done: Vec<(usize, usize, &Score)> = batch
+            .iter()
+            .filter_map(|e| results[e.group][e.index].as_ref().map(|s| (e.group, e.index, s)))
+            .collect();
+        on_batch(&done)?;
         bar.inc(batch.iter().map(|e| e.ids.len() as u64).sum());
     }
     bar.finish_and_clear();

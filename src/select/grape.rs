@@ -75,6 +75,10 @@ impl Selector for Ranked {
         self.name
     }
 
+    fn needs_scores(&self) -> bool {
+        true
+    }
+
     fn select(&self, input: &SelectInput) -> Result<Selection> {
         let scores = input.scores(self.name)?;
         let mut picks = Vec::new();

@@ -11,8 +11,9 @@ mod strongest;
 use crate::pool::Pool;
 use crate::score::Score;
 use crate::{Error, Result};
-use serde::Serialize;
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
@@ -59,7 +60,18 @@ pub struct Selection {
 
 pub trait Selector {
     fn name(&self) -> &'static str;
+    /// Whether `select` reads scores, so callers score the pool only when it does.
+    fn needs_scores(&self) -> bool {
+        false
+    }
     fn select(&self, input: &SelectInput) -> Result<Selection>;
+}
+
+impl Selection {
+    /// The picked (instruction id, candidate index) pairs, for comparing selections.
+    pub fn pairs(&self, pool: &Pool) -> HashSet<(String, usize)> {
+        self.picks.iter().map(|p| (pool.instructions[p.instruction].id.clone(), p.candidate)).collect()
+    }
 }
 
 /// `key=value` parameters from the command line or an experiment file.
@@ -79,7 +91,7 @@ pub const REGISTRY: &[(&str, &str, Build)] = &[
 pub fn build(name: &str, params: &Params) -> Result<Box<dyn Selector>> {
     let (_, _, build) = REGISTRY.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
         let known: Vec<&str> = REGISTRY.iter().map(|(n, _, _)| *n).collect();
-        Error::Invalid(format!("unknown selector `{name}` (known: {})", known.join(", ")))
+        Error::Invalid(format!("unknown selector `{name}` (registered: {})", known.join(", ")))
     })?;
     build(params)
 }
@@ -121,14 +133,30 @@ impl<'a> ParamReader<'a> {
 }
 
 /// One row of the manifest: what was picked, from whom, on what score, and why.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct ManifestRow<'a> {
-    instruction_id: &'a str,
+    #[serde(borrow)]
+    instruction_id: Cow<'a, str>,
     candidate: usize,
-    source: &'a str,
+    #[serde(borrow)]
+    source: Cow<'a, str>,
     score: Option<f64>,
-    selector: &'a str,
-    why: &'a str,
+    #[serde(borrow)]
+    selector: Cow<'a, str>,
+    #[serde(borrow)]
+    why: Cow<'a, str>,
+}
+
+/// The (instruction id, candidate index) pairs of a selection's `manifest.jsonl`.
+pub fn read_manifest(path: &Path) -> Result<HashSet<(String, usize)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut pairs = HashSet::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: ManifestRow = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, format!("line {}: not a manifest row: {e}", n + 1)))?;
+        pairs.insert((row.instruction_id.into_owned(), row.candidate));
+    }
+    Ok(pairs)
 }
 
 /// Writes `manifest.jsonl` and `sft.jsonl` (the `messages` format TRL, open-instruct and
@@ -143,12 +171,12 @@ pub fn write(selection: &Selection, pool: &Pool, dir: &Path) -> Result<()> {
         let instruction = &pool.instructions[pick.instruction];
         let candidate = &instruction.candidates[pick.candidate];
         let row = ManifestRow {
-            instruction_id: &instruction.id,
+            instruction_id: Cow::Borrowed(&instruction.id),
             candidate: pick.candidate,
-            source: &candidate.source,
+            source: Cow::Borrowed(&candidate.source),
             score: pick.score,
-            selector: &selection.selector,
-            why: &pick.why,
+            selector: Cow::Borrowed(&selection.selector),
+            why: Cow::Borrowed(&pick.why),
         };
         serde_json::to_writer(&mut manifest, &row).expect("plain data serialises");
         manifest.push(b'\n');

@@ -1,8 +1,12 @@
 //! Candidate pools: for each instruction, responses written by several models.
 //!
-//! JSON Lines (optionally gzip-compressed), one candidate per row; a column mapping names
-//! the fields. Rows are parsed one by one so that a malformed row is reported with its
-//! file, line and field; by default it is skipped and counted, with `strict` it is an error.
+//! JSON Lines (optionally gzip-compressed) or Parquet, one candidate per row; a column
+//! mapping names the fields. Rows are checked one by one so that a malformed row is
+//! reported with its file, line (row, for Parquet) and field; by default it is skipped and
+//! counted, with `strict` it is an error.
+
+mod parquet;
+pub mod stats;
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -108,66 +112,78 @@ pub fn data_dir() -> PathBuf {
 }
 
 pub fn read(path: &Path, columns: &Columns, strict: bool) -> Result<Pool> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
+    let name = path.to_string_lossy();
+    let mut builder = PoolBuilder { path, columns, strict, pool: Pool { instructions: Vec::new(), skipped: Vec::new() }, index: HashMap::new() };
+    if name.ends_with(".parquet") {
+        parquet::for_each_row(path, columns, |row_no, row| builder.add(row_no, row.map_err(|e| e.to_string())))?;
     } else {
-        Box::new(file)
-    };
-    let mut instructions: Vec<Instruction> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut skipped = Vec::new();
-    for (n, line) in BufReader::new(reader).lines().enumerate() {
-        let line_no = n + 1;
-        let line = line.map_err(|e| Error::format(path, format!("line {line_no}: unreadable ({e})")))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_row(&line, columns) {
-            Ok((id, prompt, candidate)) => {
-                let slot = *index.entry(id.clone()).or_insert_with(|| {
-                    instructions.push(Instruction {
-                        id,
-                        prompt: prompt.clone(),
-                        candidates: Vec::new(),
-                    });
-                    instructions.len() - 1
-                });
-                if instructions[slot].prompt != prompt {
-                    let problem = format!(
-                        "field `{}`: instruction `{}` has a different prompt than on its first row",
-                        columns.prompt, instructions[slot].id
-                    );
-                    if strict {
-                        return Err(Error::format(path, format!("line {line_no}: {problem}")));
-                    }
-                    skipped.push(RowProblem { path: path.to_path_buf(), line: line_no, message: problem });
-                    continue;
-                }
-                instructions[slot].candidates.push(candidate);
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader: Box<dyn Read> = if name.ends_with(".gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        for (n, line) in BufReader::new(reader).lines().enumerate() {
+            let line = line.map_err(|e| Error::format(path, format!("line {}: unreadable ({e})", n + 1)))?;
+            if line.trim().is_empty() {
+                continue;
             }
-            Err(problem) if strict => return Err(Error::format(path, format!("line {line_no}: {problem}"))),
-            Err(problem) => skipped.push(RowProblem {
-                path: path.to_path_buf(),
-                line: line_no,
-                message: problem,
-            }),
+            let row = serde_json::from_str(&line).map_err(|e| format!("not a JSON object: {e}"));
+            builder.add(n + 1, row)?;
         }
     }
-    if instructions.is_empty() {
+    let pool = builder.pool;
+    if pool.instructions.is_empty() {
         return Err(Error::format(
             path,
-            format!("the pool holds no usable candidate ({} rows skipped)", skipped.len()),
+            format!("the pool holds no usable candidate ({} rows skipped)", pool.skipped.len()),
         ));
     }
-    if !skipped.is_empty() {
-        tracing::warn!("{}: skipped {} malformed rows, first: {}", path.display(), skipped.len(), skipped[0]);
+    if !pool.skipped.is_empty() {
+        tracing::warn!("{}: skipped {} malformed rows, first: {}", path.display(), pool.skipped.len(), pool.skipped[0]);
     }
-    Ok(Pool { instructions, skipped })
+    Ok(pool)
 }
 
-fn parse_row(line: &str, columns: &Columns) -> std::result::Result<(String, String, Candidate), String> {
-    let row: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
+/// Groups rows into instructions as they arrive, skipping or refusing bad ones.
+struct PoolBuilder<'a> {
+    path: &'a Path,
+    columns: &'a Columns,
+    strict: bool,
+    pool: Pool,
+    index: HashMap<String, usize>,
+}
+
+impl PoolBuilder<'_> {
+    fn add(&mut self, line: usize, row: std::result::Result<Value, String>) -> Result<()> {
+        let parsed = row.and_then(|row| parse_row(&row, self.columns));
+        let problem = match parsed {
+            Ok((id, prompt, candidate)) => {
+                let instructions = &mut self.pool.instructions;
+                let slot = *self.index.entry(id.clone()).or_insert_with(|| {
+                    instructions.push(Instruction { id, prompt: prompt.clone(), candidates: Vec::new() });
+                    instructions.len() - 1
+                });
+                if instructions[slot].prompt == prompt {
+                    instructions[slot].candidates.push(candidate);
+                    return Ok(());
+                }
+                format!(
+                    "field `{}`: instruction `{}` has a different prompt than on its first row",
+                    self.columns.prompt, instructions[slot].id
+                )
+            }
+            Err(problem) => problem,
+        };
+        if self.strict {
+            return Err(Error::format(self.path, format!("line {line}: {problem}")));
+        }
+        self.pool.skipped.push(RowProblem { path: self.path.to_path_buf(), line, message: problem });
+        Ok(())
+    }
+}
+
+fn parse_row(row: &Value, columns: &Columns) -> std::result::Result<(String, String, Candidate), String> {
     let field = |name: &str| row.get(name).ok_or_else(|| format!("field `{name}` is missing"));
     let text = |name: &str| -> std::result::Result<String, String> {
         match field(name)? {

@@ -1,0 +1,190 @@
+//! `harness score` (scores into the store) and `harness select` (a selection from a pool
+//! and, for the selectors that need them, the stored scores).
+
+use crate::cli::pool::PoolArgs;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use grape_harness::model::{self, LoadedModel};
+use grape_harness::pool::{stats, Pool};
+use grape_harness::score::{self, Overflow, Score, ScoreOptions, ScoreStore};
+use grape_harness::select::{self, Params, SelectInput};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A built-in name, a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    model: String,
+    /// auto (the model's own, else plain), model, chatml, tulu or plain.
+    #[arg(long)]
+    template: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OverflowArg {
+    Truncate,
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoringArgs {
+    /// Longest prompt + response in tokens; longer pairs are truncated (and flagged) or skipped.
+    #[arg(long, default_value_t = ScoreOptions::default().max_len)]
+    max_len: usize,
+    #[arg(long, value_enum, default_value = "truncate")]
+    overflow: OverflowArg,
+    /// Rows x padded length of one batch.
+    #[arg(long, default_value_t = ScoreOptions::default().batch_tokens)]
+    batch_tokens: usize,
+    /// Run every candidate's prompt again instead of sharing one prompt cache.
+    #[arg(long)]
+    no_share_prefix: bool,
+    /// Also store each response token's log-probability.
+    #[arg(long)]
+    token_logprobs: bool,
+}
+
+impl ScoringArgs {
+    fn options(&self) -> ScoreOptions {
+        ScoreOptions {
+            max_len: self.max_len,
+            batch_tokens: self.batch_tokens,
+            share_prefix: !self.no_share_prefix,
+            keep_token_logprobs: self.token_logprobs,
+            overflow: match self.overflow {
+                OverflowArg::Truncate => Overflow::Truncate,
+                OverflowArg::Skip => Overflow::Skip,
+            },
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[command(flatten)]
+    scoring: ScoringArgs,
+    /// The score store (Parquet). Scores already there are reused, new ones added.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SelectArgs {
+    /// A registered selector: grape, lowest, random, strongest or upscale.
+    #[arg(long)]
+    selector: String,
+    /// Selector parameter, KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// The target model, for selectors that rank by its scores.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    template: Option<String>,
+    #[command(flatten)]
+    scoring: ScoringArgs,
+    /// The score store; default: one per model fingerprint in the cache.
+    #[arg(long)]
+    scores: Option<PathBuf>,
+    /// Seed for every random choice of the selector.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for manifest.jsonl and sft.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn load(name: &str, template: Option<&str>) -> anyhow::Result<LoadedModel> {
+    let options = model::LoadOptions { template: template.map(str::to_string), ..model::LoadOptions::default() };
+    model::load(name, &options).with_context(|| format!("loading `{name}`"))
+}
+
+/// Scores `pool` through `store`, printing one summary line.
+fn score_pool(
+    model: &LoadedModel,
+    pool: &Pool,
+    options: &ScoreOptions,
+    store: &mut ScoreStore,
+) -> anyhow::Result<Vec<Vec<Option<Score>>>> {
+    let start = Instant::now();
+    let groups = pool.groups();
+    let result = score::score_stored(model, &groups, options, store);
+    // Whatever was scored before a failure is kept: fold it in before reporting the error.
+    store.compact().with_context(|| format!("saving scores to {}", store.path().display()))?;
+    let (scores, computed) = result?;
+    let seconds = start.elapsed().as_secs_f64();
+    let all: Vec<&Score> = scores.iter().flatten().flatten().collect();
+    println!(
+        "scored {computed} new candidates in {seconds:.1} s ({:.2} cand/s), reused {}; {} of {} candidates scored, \
+         {} truncated at {} tokens; store {} ({} scores)",
+        computed as f64 / seconds.max(1e-9),
+        all.len() - computed,
+        all.len(),
+        pool.candidate_count(),
+        all.iter().filter(|s| s.truncated).count(),
+        options.max_len,
+        store.path().display(),
+        store.len()
+    );
+    Ok(scores)
+}
+
+pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
+    let pool = args.pool.read()?;
+    let model = load(&args.model.model, args.model.template.as_deref())?;
+    let mut store = ScoreStore::open(&args.out, &model.fingerprint()?)
+        .with_context(|| format!("opening the score store {}", args.out.display()))?;
+    score_pool(&model, &pool, &args.scoring.options(), &mut store)?;
+    Ok(())
+}
+
+pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
+    let mut params = Params::new();
+    for p in &args.params {
+        let (key, value) = p.split_once('=').with_context(|| format!("--param `{p}`: expected KEY=VALUE"))?;
+        params.insert(key.to_string(), value.to_string());
+    }
+    let name = &args.selector;
+    let selector = select::build(name, &params)?;
+    let pool = args.pool.read()?;
+    let scores = if selector.needs_scores() {
+        let model_name = args.model.as_deref().with_context(|| format!("selector `{name}` ranks by scores: give --model"))?;
+        let model = load(model_name, args.template.as_deref())?;
+        let fingerprint = model.fingerprint()?;
+        let path = args.scores.clone().unwrap_or_else(|| ScoreStore::default_path(&fingerprint));
+        let mut store =
+            ScoreStore::open(&path, &fingerprint).with_context(|| format!("opening the score store {}", path.display()))?;
+        Some(score_pool(&model, &pool, &args.scoring.options(), &mut store)?)
+    } else {
+        None
+    };
+    let input = SelectInput { pool: &pool, scores: scores.as_deref(), seed: args.seed };
+    let selection = selector.select(&input)?;
+    let out = &args.out;
+    select::write(&selection, &pool, out).with_context(|| format!("writing the selection to {}", out.display()))?;
+    for flag in selection.flagged.iter().take(5) {
+        tracing::warn!("{flag}");
+    }
+    let shares: Vec<String> = stats::source_shares(&pool, &selection)
+        .iter()
+        .take(3)
+        .map(|s| format!("{} {:.0}%", s.source, 100.0 * s.share))
+        .collect();
+    println!(
+        "{name}: {} picks from {} instructions, {} flagged; top sources {}; wrote {}",
+        selection.picks.len(),
+        pool.instructions.len(),
+        selection.flagged.len(),
+        shares.join(", "),
+        out.join("manifest.jsonl").display()
+    );
+    Ok(())
+}
