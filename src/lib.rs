@@ -5,8 +5,10 @@ pub mod bench;
 pub mod error;
 pub mod model;
 pub mod pool;
+pub mod report;
 pub mod score;
 pub mod select;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

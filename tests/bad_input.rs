@@ -6,6 +6,8 @@ use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 const STORIES: &str = "../shared/models/stories260K.gguf";
 
 /// Runs `harness model info PATH` and returns stderr, asserting failure without a panic.
@@ -15,12 +17,7 @@ fn info_fails(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line: {stderr}");
-    errors[0].to_string()
+    common::one_error_line(&out)
 }
 
 fn stories_available() -> bool {

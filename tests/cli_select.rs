@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 fn harness(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_harness"))
         .args(args)
@@ -18,15 +20,6 @@ fn succeeded(out: &Output) -> String {
     stdout
 }
 
-/// The single `error:` line of a failed run.
-fn failed(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line: {stderr}");
-    errors[0].to_string()
-}
 
 const POOL: &str = r#"{"instruction_id": 1, "prompt": "Tell me about a cat.", "response": "The cat sat on the mat.", "source": "alpha"}
 {"instruction_id": 1, "prompt": "Tell me about a cat.", "response": "A big cat ran home to its mom.", "source": "beta"}
@@ -82,7 +75,7 @@ fn score_select_and_stats() {
     assert_eq!(stats["jaccard"].as_array().unwrap().len(), 10);
 
     // The same store under another chat template is another model: refused, not mixed.
-    let err = failed(&harness(&[&args[..], &["--template", "chatml", "--out", out.to_str().unwrap()]].concat(), &cache));
+    let err = common::one_error_line(&harness(&[&args[..], &["--template", "chatml", "--out", out.to_str().unwrap()]].concat(), &cache));
     assert!(err.contains("scores.parquet") && err.contains("fingerprint"), "{err}");
 }
 
@@ -97,22 +90,22 @@ fn bad_selection_input_is_one_clear_line() {
     let out = dir.path().join("out");
     let out_s = out.to_str().unwrap();
 
-    let err = failed(&harness(&["select", "--selector", "random", "--pool", empty.to_str().unwrap(), "--out", out_s], &cache));
+    let err = common::one_error_line(&harness(&["select", "--selector", "random", "--pool", empty.to_str().unwrap(), "--out", out_s], &cache));
     assert!(err.contains("empty.jsonl") && err.contains("no usable candidate"), "{err}");
 
     let pool_s = pool.to_str().unwrap();
-    let err = failed(&harness(
+    let err = common::one_error_line(&harness(
         &["select", "--selector", "strongest", "--param", "source=gamma", "--pool", pool_s, "--out", out_s],
         &cache,
     ));
     assert!(err.contains("gamma") && err.contains("alpha") && err.contains("beta"), "{err}");
 
-    let err = failed(&harness(&["select", "--selector", "grape", "--pool", pool_s, "--out", out_s], &cache));
+    let err = common::one_error_line(&harness(&["select", "--selector", "grape", "--pool", pool_s, "--out", out_s], &cache));
     assert!(err.contains("--model"), "{err}");
 
-    let err = failed(&harness(&["select", "--selector", "best", "--pool", pool_s, "--out", out_s], &cache));
+    let err = common::one_error_line(&harness(&["select", "--selector", "best", "--pool", pool_s, "--out", out_s], &cache));
     assert!(err.contains("unknown selector `best`") && err.contains("grape"), "{err}");
 
-    let err = failed(&harness(&["pool", "stats", "--pool", pool_s, "--column", "response"], &cache));
+    let err = common::one_error_line(&harness(&["pool", "stats", "--pool", pool_s, "--column", "response"], &cache));
     assert!(err.contains("KEY=NAME"), "{err}");
 }

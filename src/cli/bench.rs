@@ -12,6 +12,19 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// Scoring the first instructions of a pool, with prompt sharing on and off.
     Score(ScoreArgs),
+    /// Full fine-tuning steps (forward, backward, AdamW) with peak memory.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Micro-batch shape, as BATCHxLEN.
+    #[arg(long, default_value = "4x512")]
+    shape: String,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +69,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let (model_arg, results) = match &cmd {
         BenchCommand::Forward(args) => (&args.model, forward(args)?),
         BenchCommand::Score(args) => (&args.model, score(args)?),
+        BenchCommand::Train(args) => (&args.model, train(args)?),
     };
     if model_arg.json {
         let json: Vec<&serde_json::Value> = results.iter().map(|(json, _)| json).collect();
@@ -84,13 +98,24 @@ fn forward(args: &ForwardArgs) -> anyhow::Result<Vec<Entry>> {
     let decoder = m.decoder()?;
     let mut results = vec![entry(bench::matmul_peak(1024, 5, &m.device)?)?];
     for shape in &args.shapes {
-        let (batch, len) = shape
-            .split_once('x')
-            .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
-            .with_context(|| format!("shape `{shape}`: expected BATCHxLEN, e.g. 8x512"))?;
+        let (batch, len) = parse_shape(shape)?;
         results.push(entry(bench::forward(decoder, &m.config, batch, len, args.iterations, &m.device)?)?);
     }
     Ok(results)
+}
+
+fn parse_shape(shape: &str) -> anyhow::Result<(usize, usize)> {
+    shape
+        .split_once('x')
+        .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
+        .with_context(|| format!("shape `{shape}`: expected BATCHxLEN, e.g. 8x512"))
+}
+
+fn train(args: &TrainArgs) -> anyhow::Result<Vec<Entry>> {
+    let (batch, len) = parse_shape(&args.shape)?;
+    let (m, vars) = model::load_trainable(&args.model.model, &model::LoadOptions::default())
+        .with_context(|| format!("loading `{}`", args.model.model))?;
+    Ok(vec![entry(bench::training(&m, &vars, batch, len, args.steps)?)?])
 }
 
 fn score(args: &ScoreArgs) -> anyhow::Result<Vec<Entry>> {

@@ -4,6 +4,7 @@ mod bench;
 mod model;
 mod pool;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Select SFT data from a pool with a registered selector.
     Select(score::SelectArgs),
+    /// Fine-tune a model on SFT data (response-only loss, AdamW), export it for Hugging Face.
+    Train(train::TrainArgs),
     /// Describe a pool, its scores and selections.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(cmd) => model::run(cmd),
         Command::Score(args) => score::run_score(args),
         Command::Select(args) => score::run_select(args),
+        Command::Train(args) => train::run(args),
         Command::Pool(cmd) => pool::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }

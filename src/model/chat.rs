@@ -126,6 +126,8 @@ pub struct ChatTemplate {
     name: &'static str,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The Jinja text, exported with a fine-tuned model.
+    source: String,
     /// sha256 of the template text and its special tokens: part of a model's fingerprint.
     digest: String,
 }
@@ -156,13 +158,14 @@ impl ChatTemplate {
         let digest = crate::util::sha256_bytes(
             format!("{name}\0{text}\0{bos_token:?}\0{eos_token:?}").as_bytes(),
         );
-        env.add_template_owned(name, text)
+        env.add_template_owned(name, text.clone())
             .map_err(|e| Error::Template(format!("{name}: cannot compile: {e}")))?;
         Ok(ChatTemplate {
             env,
             name,
             bos_token,
             eos_token,
+            source: text,
             digest,
         })
     }
@@ -181,6 +184,10 @@ impl ChatTemplate {
 
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

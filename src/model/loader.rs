@@ -9,6 +9,7 @@ use super::weights::TensorMap;
 use super::{gguf, hf, Decoder};
 use crate::{Error, Result};
 use candle_core::{DType, Device};
+use candle_nn::VarMap;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,33 @@ impl Default for LoadOptions {
     }
 }
 
+/// See [`LoadedModel::encode_pair`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPair {
+    pub ids: Vec<u32>,
+    pub response_mask: Vec<bool>,
+    /// Index of the first response token (at least 1: something precedes it).
+    pub first_response: usize,
+}
+
+impl EncodedPair {
+    /// Keeps the first `max_len` tokens; `None` when no response token would remain to
+    /// predict (the first one needs a token before it).
+    pub fn truncated(mut self, max_len: usize) -> Option<Self> {
+        if self.first_response >= max_len {
+            return None;
+        }
+        self.ids.truncate(max_len);
+        self.response_mask.truncate(max_len);
+        Some(self)
+    }
+
+    /// Flat positions whose hidden state predicts a response token, and those tokens.
+    pub fn targets(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (1..self.ids.len()).filter(|&t| self.response_mask[t]).map(|t| (t - 1, self.ids[t]))
+    }
+}
+
 pub struct LoadedModel {
     pub name: String,
     pub files: ModelFiles,
@@ -63,6 +91,22 @@ impl LoadedModel {
         self.decoder
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("model `{}` was inspected, not loaded", self.name)))
+    }
+
+    /// A prompt/response pair as the model sees it in scoring and in training alike: token
+    /// ids of the chat-rendered text and which of them are response tokens. The boundary
+    /// comes from character offsets of this one joint tokenization.
+    pub fn encode_pair(&self, prompt: &str, response: &str) -> Result<EncodedPair> {
+        let pair = self.template.render_pair(prompt, response)?;
+        let encoding = self.tokenizer.encode(&pair.text)?;
+        let response_mask = super::chat::response_mask(encoding.get_offsets(), pair.response_start);
+        let first_response = response_mask.iter().position(|&m| m).unwrap_or(response_mask.len());
+        if first_response == response_mask.len() || first_response == 0 {
+            return Err(Error::Invalid(
+                "the chat template left no response tokens (or no prompt token before them)".into(),
+            ));
+        }
+        Ok(EncodedPair { ids: encoding.get_ids().to_vec(), response_mask, first_response })
     }
 
     /// What a score depends on besides the pair: weights, tokenizer and chat template.
@@ -90,6 +134,17 @@ pub fn load(name_or_path: &str, options: &LoadOptions) -> Result<LoadedModel> {
     model.decoder = Some(Decoder::from_tensors(&model.config, tensors, options.dtype, &options.device, &path)?);
     model.device = options.device.clone();
     Ok(model)
+}
+
+/// [`load`] with every weight a variable, for fine-tuning; the map owns the variables.
+pub fn load_trainable(name_or_path: &str, options: &LoadOptions) -> Result<(LoadedModel, VarMap)> {
+    let mut model = read(name_or_path, options.template.as_deref(), true)?;
+    let tensors = model.tensors.take().expect("read with weights");
+    let path = model.files.weights.clone();
+    let (decoder, vars) = Decoder::trainable(&model.config, tensors, options.dtype, &options.device, &path)?;
+    model.decoder = Some(decoder);
+    model.device = options.device.clone();
+    Ok((model, vars))
 }
 
 /// Reads configuration, tokenizer and template without the weights.

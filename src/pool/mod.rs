@@ -218,7 +218,7 @@ fn parse_row(row: &Value, columns: &Columns) -> std::result::Result<(String, Str
 }
 
 /// The user turns of a `messages` list, joined by blank lines.
-fn user_turns(messages: &[Value]) -> std::result::Result<String, String> {
+pub(crate) fn user_turns(messages: &[Value]) -> std::result::Result<String, String> {
     let mut turns = Vec::new();
     for m in messages {
         let role = m.get("role").and_then(Value::as_str).ok_or("a message without a string `role`")?;

@@ -11,7 +11,7 @@ mod store;
 
 pub use store::{pair_hash, ScoreStore};
 
-use crate::model::{KvCache, LoadedModel, Mode};
+use crate::model::{EncodedPair, KvCache, LoadedModel, Mode};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -76,9 +76,7 @@ impl Default for ScoreOptions {
 struct Encoded {
     group: usize,
     index: usize,
-    ids: Vec<u32>,
-    /// Which of `ids` are response tokens (scored).
-    response: Vec<bool>,
+    pair: EncodedPair,
     n_bytes: usize,
     truncated: bool,
 }
@@ -159,7 +157,7 @@ fn score_with(
     let shared: HashMap<usize, usize> = by_group
         .iter()
         .map(|(&g, members)| {
-            let first_response = members.iter().map(|e| first_true(&e.response)).min().unwrap_or(0);
+            let first_response = members.iter().map(|e| e.pair.first_response).min().unwrap_or(0);
             let prefix = if options.share_prefix { common_prefix(members) } else { 0 };
             (g, prefix.min(first_response.saturating_sub(1)))
         })
@@ -169,11 +167,11 @@ fn score_with(
     // lengths (the candidates of one prompt differ widely) and memory peaks at once. Prompt
     // caches live until their last candidate is scored; sorting within chunks of
     // instructions bounds how many are alive.
-    let continuation = |e: &Encoded| e.ids.len() - shared[&e.group];
+    let continuation = |e: &Encoded| e.pair.ids.len() - shared[&e.group];
     let mut order: Vec<&Encoded> = encoded.iter().collect();
     order.sort_by_key(|e| (e.group / GROUPS_PER_CHUNK, std::cmp::Reverse(continuation(e)), e.group, e.index));
 
-    let total_tokens: u64 = order.iter().map(|e| e.ids.len() as u64).sum();
+    let total_tokens: u64 = order.iter().map(|e| e.pair.ids.len() as u64).sum();
     let bar = progress_bar(options.progress, total_tokens);
     let mut prompt_caches: HashMap<usize, (KvCache, usize)> = HashMap::new();
     let mut start = 0;
@@ -184,7 +182,7 @@ fn score_with(
 
         for e in batch {
             if !prompt_caches.contains_key(&e.group) {
-                let prefix = &e.ids[..shared[&e.group]];
+                let prefix = &e.pair.ids[..shared[&e.group]];
                 let mut cache = KvCache::new(model.config.num_layers);
                 if !prefix.is_empty() {
                     let x = Tensor::new(prefix, &device)?.unsqueeze(0)?;
@@ -197,7 +195,7 @@ fn score_with(
         let parts: Vec<(&KvCache, usize)> = batch.iter().map(|e| (&prompt_caches[&e.group].0, 1)).collect();
         let mut cache = KvCache::stack(&parts)?;
 
-        let continuations: Vec<&[u32]> = batch.iter().map(|e| &e.ids[shared[&e.group]..]).collect();
+        let continuations: Vec<&[u32]> = batch.iter().map(|e| &e.pair.ids[shared[&e.group]..]).collect();
         let width = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
         let lengths: Vec<usize> = continuations.iter().map(|c| c.len()).collect();
         let mut flat = Vec::with_capacity(batch.len() * width);
@@ -212,7 +210,7 @@ fn score_with(
         for (b, e) in batch.iter().enumerate() {
             let offset = shared[&e.group];
             for j in 1..continuations[b].len() {
-                if e.response[offset + j] {
+                if e.pair.response_mask[offset + j] {
                     rows.push((b * width + j - 1) as u32);
                     targets.push(continuations[b][j]);
                     owners.push(b);
@@ -243,7 +241,7 @@ fn score_with(
             .filter_map(|e| results[e.group][e.index].as_ref().map(|s| (e.group, e.index, s)))
             .collect();
         on_batch(&done)?;
-        bar.inc(batch.iter().map(|e| e.ids.len() as u64).sum());
+        bar.inc(batch.iter().map(|e| e.pair.ids.len() as u64).sum());
     }
     bar.finish_and_clear();
     Ok(results)
@@ -257,10 +255,10 @@ pub fn score_naive(model: &LoadedModel, group: &Group, options: &ScoreOptions) -
     let encoded = encode_all(model, std::slice::from_ref(group), options)?;
     let mut results = vec![None; group.responses.len()];
     for e in encoded {
-        let x = Tensor::new(e.ids.as_slice(), &device)?.unsqueeze(0)?;
-        let hidden = decoder.forward(&x, &[e.ids.len()], None, Mode::Infer)?;
+        let x = Tensor::new(e.pair.ids.as_slice(), &device)?.unsqueeze(0)?;
+        let hidden = decoder.forward(&x, &[e.pair.ids.len()], None, Mode::Infer)?;
         let (rows, targets): (Vec<u32>, Vec<u32>) =
-            (1..e.ids.len()).filter(|&t| e.response[t]).map(|t| ((t - 1) as u32, e.ids[t])).unzip();
+            e.pair.targets().map(|(row, target)| (row as u32, target)).unzip();
         let lps: Vec<f32> = decoder.target_logprobs(&hidden, &rows, &targets)?.to_vec1()?;
         results[e.index] = Some(Score {
             sum_logprob: lps.iter().map(|&x| x as f64).sum(),
@@ -273,53 +271,30 @@ pub fn score_naive(model: &LoadedModel, group: &Group, options: &ScoreOptions) -
     Ok(results)
 }
 
-/// Renders and tokenizes every pair once; the response boundary comes from character
-/// offsets of this one joint tokenization.
+/// Renders and tokenizes every pair once (see [`LoadedModel::encode_pair`]).
 fn encode_all(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<Vec<Encoded>> {
     let mut out = Vec::new();
     for (g, group) in groups.iter().enumerate() {
         for (i, response) in group.responses.iter().enumerate() {
-            let pair = model.template.render_pair(&group.prompt, response)?;
-            let encoding = model.tokenizer.encode(&pair.text)?;
-            let mut ids = encoding.get_ids().to_vec();
-            let mut response_mask = crate::model::chat::response_mask(encoding.get_offsets(), pair.response_start);
-            let first = first_true(&response_mask);
-            if first == response_mask.len() || first == 0 {
-                return Err(Error::Invalid(format!(
-                    "instruction {g}, candidate {i}: the chat template left no response tokens to score \
-                     (or no prompt token before them)"
-                )));
+            let pair = model
+                .encode_pair(&group.prompt, response)
+                .map_err(|e| Error::Invalid(format!("instruction {g}, candidate {i}: {e}")))?;
+            let truncated = pair.ids.len() > options.max_len;
+            if truncated && options.overflow == Overflow::Skip {
+                continue;
             }
-            let truncated = ids.len() > options.max_len;
-            if truncated {
-                // Nothing of the response would remain: such a pair cannot be scored at all.
-                if options.overflow == Overflow::Skip || first + 1 >= options.max_len {
-                    continue;
-                }
-                ids.truncate(options.max_len);
-                response_mask.truncate(options.max_len);
-            }
-            out.push(Encoded {
-                group: g,
-                index: i,
-                ids,
-                response: response_mask,
-                n_bytes: response.len(),
-                truncated,
-            });
+            // A pair with nothing of its response left within `max_len` cannot be scored at all.
+            let Some(pair) = pair.truncated(options.max_len) else { continue };
+            out.push(Encoded { group: g, index: i, pair, n_bytes: response.len(), truncated });
         }
     }
     Ok(out)
 }
 
-fn first_true(mask: &[bool]) -> usize {
-    mask.iter().position(|&m| m).unwrap_or(mask.len())
-}
-
 fn common_prefix(members: &[&Encoded]) -> usize {
     let Some(first) = members.first() else { return 0 };
-    members.iter().skip(1).fold(first.ids.len(), |len, e| {
-        first.ids[..len].iter().zip(&e.ids).take_while(|(a, b)| a == b).count()
+    members.iter().skip(1).fold(first.pair.ids.len(), |len, e| {
+        first.pair.ids[..len].iter().zip(&e.pair.ids).take_while(|(a, b)| a == b).count()
     })
 }
 
@@ -330,7 +305,7 @@ fn batch_end(order: &[&Encoded], start: usize, shared: &HashMap<usize, usize>, b
     let mut end = start;
     while end < order.len() {
         let e = order[end];
-        let len = e.ids.len() - shared[&e.group];
+        let len = e.pair.ids.len() - shared[&e.group];
         let new_width = width.max(len);
         if end > start && (end - start + 1) * new_width > budget {
             break;

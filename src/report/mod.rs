@@ -1,0 +1,3 @@
+//! Result tables and plots.
+
+pub mod plot;
