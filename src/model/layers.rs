@@ -2,11 +2,11 @@
 //! with a padding-aware mask and KV cache, and the gated MLP.
 //!
 //! Each block has two paths. `Mode::Infer` uses candle's fused kernels (fast, but they
-//! record no backward pass); `Mode::Train` uses plain differentiable ops so that every
-//! parameter receives a gradient.
+//! record no backward pass); `Mode::Train` uses the differentiable kernels of `ops.rs` so
+//! that every parameter receives a gradient.
 
 use super::config::{Activation, ModelConfig, RopeScaling};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,13 +48,7 @@ impl RmsNorm {
         };
         match mode {
             Mode::Infer => candle_nn::ops::rms_norm(&x.contiguous()?, &alpha, self.eps as f32),
-            Mode::Train => {
-                let dtype = x.dtype();
-                let x = at_least_f32(x)?;
-                let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-                normed.to_dtype(dtype)?.broadcast_mul(&alpha)
-            }
+            Mode::Train => super::ops::rms_norm(x, &alpha, self.eps),
         }
     }
 }
@@ -159,21 +153,7 @@ impl RopeTables {
     pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin),
-            Mode::Train => {
-                let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?;
-                let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?;
-                // (T, D) or (B, T, D) -> broadcastable against (B, H, T, D).
-                let (cos, sin) = if cos.rank() == 2 {
-                    (cos, sin)
-                } else {
-                    (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
-                };
-                let half = x.dim(D::Minus1)? / 2;
-                let x1 = x.narrow(D::Minus1, 0, half)?;
-                let x2 = x.narrow(D::Minus1, half, half)?;
-                let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-                x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-            }
+            Mode::Train => super::ops::rope(x, &self.cos, &self.sin),
         }
     }
 }
@@ -522,7 +502,7 @@ impl Attention {
         let scores = at_least_f32(&scores)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Train => super::ops::softmax(&scores)?,
         }
         .to_dtype(v.dtype())?
         .reshape((b, self.num_kv_heads, groups * t, keys))?;
@@ -562,10 +542,11 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        let gate = match self.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
+        let up = self.up_proj.forward(x)?;
+        let hidden = match self.activation {
+            Activation::Silu => super::ops::silu_mul(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        (gate * self.up_proj.forward(x)?)?.apply(&self.down_proj)
+        hidden.apply(&self.down_proj)
     }
 }

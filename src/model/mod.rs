@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod hf;
 pub mod layers;
 pub mod llama;
+mod ops;
 mod loader;
 pub mod pull;
 pub mod tokenizer;
@@ -22,7 +23,7 @@ use layers::at_least_f32;
 pub use loader::{inspect, load, load_trainable, EncodedPair, LoadOptions, LoadedModel, ModelFormat};
 
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 use weights::TensorMap;
@@ -137,9 +138,7 @@ impl Decoder {
         let mut parts = Vec::new();
         for (row_chunk, target_chunk) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
             let logits = at_least_f32(&self.project(&gather_rows(hidden, row_chunk)?)?)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let idx = Tensor::new(target_chunk, device)?.unsqueeze(1)?;
-            parts.push(logp.gather(&idx, 1)?.squeeze(1)?);
+            parts.push(ops::log_softmax_at(&logits, &Tensor::new(target_chunk, device)?)?);
         }
         if parts.is_empty() {
             return Ok(Tensor::zeros(0, DType::F32, device)?);

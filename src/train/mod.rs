@@ -275,9 +275,12 @@ pub fn loss_and_grads(
         let store = batch_loss.backward()?;
         for (name, var) in vars {
             if let Some(g) = store.get(var.as_tensor()) {
+                // Detached: a gradient that still referenced the forward graph would keep
+                // every activation of the step alive inside the optimiser's moments.
+                let g = g.detach();
                 let summed = match grads.remove(name) {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 };
                 grads.insert(name.clone(), summed);
             }

@@ -1,0 +1,425 @@
+//! Differentiable kernels for training: softmax over the last axis, RMS norm, rotary
+//! embedding and log-softmax-at-target. candle's fused versions record no backward pass and
+//! the compositions of plain ops that do keep three or four full-size intermediates alive for
+//! the backward pass; these run in one pass on the CPU, keep only what their gradient
+//! formula needs, and fall back to the plain compositions on other devices and dtypes.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { bail!("{what}: expected f32") };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{what}: expected a contiguous tensor") };
+    Ok(&data[start..end])
+}
+
+/// Softmax over the last axis.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "train-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(storage, layout, self.name())?;
+        let dim = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(out, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            out.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// dx = y ⊙ (g − Σ g ⊙ y): only the output is needed.
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let gy = (grad * y)?;
+        let dot = gy.sum_keepdim(D::Minus1)?;
+        Ok(Some((gy - y.broadcast_mul(&dot)?)?))
+    }
+}
+
+/// x / √(mean(x²) + eps) · alpha over the last axis, computed in at least f32.
+pub fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(x) && alpha.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(&alpha.contiguous()?, RmsNorm { eps });
+    }
+    let dtype = x.dtype();
+    let x = super::layers::at_least_f32(x)?;
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(alpha)
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "train-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let alpha = f32s(s2, l2, self.name())?;
+        let dim = alpha.len().max(1);
+        if l1.dims().last() != Some(&alpha.len()) {
+            bail!("{}: input {:?} against weight of {}", self.name(), l1.dims(), alpha.len());
+        }
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(out, x)| {
+            let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let r = 1.0 / (mean_sq + eps).sqrt();
+            for ((o, &v), &a) in out.iter_mut().zip(x).zip(alpha) {
+                *o = v * r * a;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With r = (mean(x²) + eps)^-½ and gα = g ⊙ α: dx = r·gα − x·r³·mean(gα ⊙ x),
+    /// dα = Σ over rows of g ⊙ x·r.
+    fn bwd(&self, x: &Tensor, alpha: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let g_alpha = grad.broadcast_mul(alpha)?;
+        let dot = (&g_alpha * x)?.mean_keepdim(D::Minus1)?;
+        let dx = (g_alpha.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        let dim = alpha.dim(0)?;
+        let d_alpha = (grad * x.broadcast_mul(&r)?)?.reshape(((), dim))?.sum(0)?;
+        Ok((Some(dx), Some(d_alpha)))
+    }
+}
+
+/// Rotary embedding (rotate-half convention) of `x (B, H, T, D)` with tables `cos`, `sin`
+/// of shape `(T, D/2)`, or `(B, T, D/2)` for per-row positions.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused(x) && cos.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope);
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    let (cos, sin) = if cos.rank() == 2 { (cos, sin) } else { (cos.unsqueeze(1)?, sin.unsqueeze(1)?) };
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "train-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let (cos, sin) = (f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let (b, heads, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        let per_row = l2.dims().len() == 3;
+        let rows = if per_row { b * t } else { t };
+        if d % 2 != 0 || cos.len() != rows * half || sin.len() != cos.len() {
+            bail!("{}: tables {:?} do not fit input {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (out, x))| {
+            let batch = bh / heads;
+            for pos in 0..t {
+                let row = if per_row { batch * t + pos } else { pos } * half;
+                let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
+                let (x, out) = (&x[pos * d..(pos + 1) * d], &mut out[pos * d..(pos + 1) * d]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    out[i] = x1 * c[i] - x2 * s[i];
+                    out[i + half] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// A rotation's gradient is the opposite rotation: rope with −sin.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// silu(gate) ⊙ up, the gated MLP's middle, keeping only `gate` and `up` for the backward.
+/// Inference keeps candle's vectorised `silu`, which is faster when no gradient is needed.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let training = gate.track_op() || up.track_op();
+    if training && fused(gate) && up.dtype() == DType::F32 && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul);
+    }
+    gate.silu()? * up
+}
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "train-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let out: Vec<f32> = gate.par_iter().zip(up.par_iter()).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// d up = g ⊙ silu(gate); d gate = g ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate))).
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
+        let d_gate = gate.apply_op3_no_bwd(&up, &grad, &SiluMulGrad { wrt_gate: true })?;
+        let d_up = gate.apply_op3_no_bwd(&up, &grad, &SiluMulGrad { wrt_gate: false })?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+struct SiluMulGrad {
+    wrt_gate: bool,
+}
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "train-silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up, grad) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let out: Vec<f32> = if self.wrt_gate {
+            (gate, up, grad)
+                .into_par_iter()
+                .map(|(&x, &u, &g)| {
+                    let s = sigmoid(x);
+                    g * u * s * (1.0 + x * (1.0 - s))
+                })
+                .collect()
+        } else {
+            gate.par_iter().zip(grad.par_iter()).map(|(&x, &g)| g * x * sigmoid(x)).collect()
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// log softmax(logits)[target] per row of `logits (N, V)`, in f32, with `targets (N)`.
+pub fn log_softmax_at(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused(logits) {
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, LogSoftmaxAt);
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+struct LogSoftmaxAt;
+
+fn u32s<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(data) = storage else { bail!("{what}: expected u32 targets") };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{what}: expected contiguous targets") };
+    Ok(&data[start..end])
+}
+
+/// max + ln Σ exp(x − max) of one row.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+}
+
+fn check_targets(name: &str, logits: &Layout, targets: &[u32]) -> Result<(usize, usize)> {
+    let (n, vocab) = logits.shape().dims2()?;
+    if targets.len() != n {
+        bail!("{name}: {n} rows but {} targets", targets.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("{name}: target {t} outside a vocabulary of {vocab}");
+    }
+    Ok((n, vocab.max(1)))
+}
+
+impl CustomOp2 for LogSoftmaxAt {
+    fn name(&self) -> &'static str {
+        "log-softmax-at"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = f32s(s1, l1, self.name())?;
+        let targets = u32s(s2, l2, self.name())?;
+        let (n, vocab) = check_targets(self.name(), l1, targets)?;
+        let out: Vec<f32> = logits
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    /// d logits = g · (onehot(target) − softmax(logits)), one pass over the logits.
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_and_value = Tensor::stack(&[grad, y], 1)?.contiguous()?;
+        let d_logits = logits.apply_op3_no_bwd(targets, &grad_and_value, &LogSoftmaxAtGrad)?;
+        Ok((Some(d_logits), None))
+    }
+}
+
+struct LogSoftmaxAtGrad;
+
+impl CustomOp3 for LogSoftmaxAtGrad {
+    fn name(&self) -> &'static str {
+        "log-softmax-at-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = f32s(s1, l1, self.name())?;
+        let targets = u32s(s2, l2, self.name())?;
+        let grad_and_value = f32s(s3, l3, self.name())?;
+        let (_, vocab) = check_targets(self.name(), l1, targets)?;
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each(|(i, (out, row))| {
+            let (g, value) = (grad_and_value[2 * i], grad_and_value[2 * i + 1]);
+            let t = targets[i] as usize;
+            // value = row[t] − lse, so the normaliser comes back without another pass.
+            let lse = row[t] - value;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = -g * (v - lse).exp();
+            }
+            out[t] += g;
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Each fused op against the plain composition, in value and in gradient.
+    fn agree(fused: impl Fn(&Tensor) -> Result<Tensor>, plain: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, fused(x.as_tensor()).unwrap().shape(), &Device::Cpu).unwrap();
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let y = f(x.as_tensor()).unwrap();
+            let loss = (&y * &weights).unwrap().sum_all().unwrap();
+            let grad = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (y, grad)
+        };
+        let (y1, g1) = run(&fused);
+        let (y2, g2) = run(&plain);
+        let gap = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(gap(&y1, &y2) < 1e-5, "values differ by {}", gap(&y1, &y2));
+        assert!(gap(&g1, &g2) < 1e-4, "gradients differ by {}", gap(&g1, &g2));
+    }
+
+    #[test]
+    fn softmax_matches_the_composition() {
+        agree(softmax, |x| candle_nn::ops::softmax(x, D::Minus1), &[2, 3, 5, 7]);
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composition_for_input_and_weight() {
+        let alpha = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap()).unwrap();
+        let plain = |x: &Tensor, a: &Tensor| {
+            let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_div(&(mean_sq + 1e-5)?.sqrt()?)?.broadcast_mul(a)
+        };
+        agree(|x| rms_norm(x, alpha.as_tensor(), 1e-5), |x| plain(x, alpha.as_tensor()), &[3, 4, 6]);
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 6), &Device::Cpu).unwrap();
+        let g_fused = rms_norm(&x, alpha.as_tensor(), 1e-5).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_plain = plain(&x, alpha.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g_fused.get(alpha.as_tensor()).unwrap(), g_plain.get(alpha.as_tensor()).unwrap());
+        assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn rope_matches_the_composition_with_shared_and_per_row_tables() {
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
+        let plain = |x: &Tensor, c: &Tensor, s: &Tensor| {
+            let x = x.to_dtype(DType::F64)?;
+            rope(&x, &c.to_dtype(DType::F64)?, &s.to_dtype(DType::F64)?)?.to_dtype(DType::F32)
+        };
+        agree(|x| rope(x, &cos, &sin), |x| plain(x, &cos, &sin), &[2, 3, 5, 8]);
+        let cos_rows = Tensor::randn(0f32, 1.0, (2, 5, 4), &Device::Cpu).unwrap();
+        let sin_rows = Tensor::randn(0f32, 1.0, (2, 5, 4), &Device::Cpu).unwrap();
+        agree(|x| rope(x, &cos_rows, &sin_rows), |x| plain(x, &cos_rows, &sin_rows), &[2, 3, 5, 8]);
+    }
+
+    #[test]
+    fn silu_mul_matches_the_composition_for_both_inputs() {
+        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 8), &Device::Cpu).unwrap()).unwrap();
+        agree(|g| silu_mul(g, up.as_tensor()), |g| g.silu()? * up.as_tensor(), &[3, 8]);
+        let gate = Tensor::randn(0f32, 1.0, (3, 8), &Device::Cpu).unwrap();
+        agree(|u| silu_mul(&gate, u), |u| gate.silu()? * u, &[3, 8]);
+    }
+
+    #[test]
+    fn log_softmax_at_matches_the_composition() {
+        let targets = Tensor::new(&[3u32, 0, 6, 6], &Device::Cpu).unwrap();
+        let plain = |x: &Tensor| {
+            let logp = candle_nn::ops::log_softmax(&x.to_dtype(DType::F64)?, D::Minus1)?;
+            logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.to_dtype(DType::F32)
+        };
+        agree(|x| log_softmax_at(x, &targets), plain, &[4, 7]);
+        let bad = Tensor::new(&[9u32, 0, 0, 0], &Device::Cpu).unwrap();
+        let x = Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap();
+        assert!(log_softmax_at(&x, &bad).unwrap_err().to_string().contains("outside a vocabulary of 7"));
+    }
+}
