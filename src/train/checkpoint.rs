@@ -74,6 +74,19 @@ fn list(out: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// `saved[key]`, checked to have the shape of `like`; errors name `what` was saved.
+pub fn saved_like<'a>(saved: &'a HashMap<String, Tensor>, key: &str, like: &Tensor, what: &str) -> Result<&'a Tensor> {
+    let tensor = saved.get(key).ok_or_else(|| Error::Invalid(format!("the saved {what} lacks `{key}`")))?;
+    if tensor.shape() != like.shape() {
+        return Err(Error::Invalid(format!(
+            "the saved {what} `{key}` has shape {:?}, the model needs {:?}",
+            tensor.dims(),
+            like.dims()
+        )));
+    }
+    Ok(tensor)
+}
+
 /// The newest checkpoint under `out`, if any, checked to come from `base_fingerprint`.
 pub fn latest(out: &Path, base_fingerprint: &str, device: &Device) -> Result<Option<Checkpoint>> {
     let Some(path) = list(out)?.pop() else { return Ok(None) };

@@ -134,17 +134,7 @@ pub fn train(
     if resume {
         if let Some(ck) = checkpoint::latest(out, &target.base_fingerprint, &device)? {
             for (name, var) in &vars {
-                let saved = ck
-                    .weights
-                    .get(name)
-                    .ok_or_else(|| Error::Invalid(format!("the checkpoint lacks weight `{name}`")))?;
-                if saved.shape() != var.shape() {
-                    return Err(Error::Invalid(format!(
-                        "checkpoint weight `{name}` has shape {:?}, the model {:?}",
-                        saved.dims(),
-                        var.dims()
-                    )));
-                }
+                let saved = checkpoint::saved_like(&ck.weights, name, var.as_tensor(), "weights")?;
                 var.set(&saved.to_dtype(var.dtype())?)?;
             }
             optimizer.restore(&ck.optimizer, ck.state.step)?;

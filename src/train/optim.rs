@@ -136,16 +136,7 @@ impl AdamW {
         for slot in &mut self.slots {
             for (prefix, moment) in [("m", &mut slot.m), ("v", &mut slot.v)] {
                 let key = format!("{prefix}.{}", slot.name);
-                let saved = state
-                    .get(&key)
-                    .ok_or_else(|| Error::Invalid(format!("optimiser state lacks `{key}`")))?;
-                if saved.shape() != moment.shape() {
-                    return Err(Error::Invalid(format!(
-                        "optimiser state `{key}` has shape {:?}, the model needs {:?}",
-                        saved.dims(),
-                        moment.dims()
-                    )));
-                }
+                let saved = super::checkpoint::saved_like(state, &key, moment, "optimiser state")?;
                 *moment = saved.to_dtype(DType::F32)?.to_device(moment.device())?;
             }
         }
