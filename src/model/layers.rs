@@ -496,13 +496,12 @@ impl Attention {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let scores = scores
-            .reshape((b, self.num_kv_heads, groups, t, keys))?
-            .broadcast_add(&mask.unsqueeze(1)?)?;
-        let scores = at_least_f32(&scores)?;
+        let scores = scores.reshape((b, self.num_kv_heads, groups, t, keys))?;
         let probs = match mode {
-            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train => super::ops::softmax(&scores)?,
+            Mode::Infer => {
+                candle_nn::ops::softmax_last_dim(&at_least_f32(&scores.broadcast_add(&mask.unsqueeze(1)?)?)?)?
+            }
+            Mode::Train => super::ops::masked_softmax(&scores, mask)?,
         }
         .to_dtype(v.dtype())?
         .reshape((b, self.num_kv_heads, groups * t, keys))?;

@@ -1,10 +1,10 @@
-//! Differentiable kernels for training: softmax over the last axis, RMS norm, rotary
+//! Differentiable kernels for training: masked softmax over the last axis, RMS norm, rotary
 //! embedding and log-softmax-at-target. candle's fused versions record no backward pass and
 //! the compositions of plain ops that do keep three or four full-size intermediates alive for
 //! the backward pass; these run in one pass on the CPU, keep only what their gradient
 //! formula needs, and fall back to the plain compositions on other devices and dtypes.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 fn fused(x: &Tensor) -> bool {
@@ -17,43 +17,56 @@ fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a 
     Ok(&data[start..end])
 }
 
-/// Softmax over the last axis.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if !fused(x) {
-        return candle_nn::ops::softmax(x, D::Minus1);
+/// softmax(scores + mask) over the last axis, for attention scores `(B, KV, G, T, S)` and
+/// an additive mask `(B, 1, T, S)` shared by every head: the masked scores are never stored.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fused(scores) && mask.dtype() == DType::F32 {
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, MaskedSoftmax);
     }
-    x.contiguous()?.apply_op1(Softmax)
+    let masked = super::layers::at_least_f32(&scores.broadcast_add(&mask.unsqueeze(1)?)?)?;
+    candle_nn::ops::softmax(&masked, D::Minus1)
 }
 
-struct Softmax;
+struct MaskedSoftmax;
 
-impl CustomOp1 for Softmax {
+impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
-        "train-softmax"
+        "train-masked-softmax"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(storage, layout, self.name())?;
-        let dim = layout.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(out, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (scores, mask) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let dims = l1.dims();
+        let (&keys, &t) = match dims {
+            [b, _, _, t, s] if l2.dims() == [*b, 1, *t, *s] => (s, t),
+            _ => bail!("{}: scores {:?} against mask {:?}", self.name(), dims, l2.dims()),
+        };
+        let rows_per_batch = scores.len() / dims[0].max(1) / keys.max(1);
+        let mut out = vec![0f32; scores.len()];
+        out.par_chunks_mut(keys.max(1)).zip(scores.par_chunks(keys.max(1))).enumerate().for_each(|(r, (out, x))| {
+            let mask_row = (r / rows_per_batch) * t + r % t;
+            let m = &mask[mask_row * keys..(mask_row + 1) * keys];
+            let mut max = f32::NEG_INFINITY;
+            for ((o, &v), &mv) in out.iter_mut().zip(x).zip(m) {
+                *o = v + mv;
+                max = max.max(*o);
+            }
             let mut sum = 0.0;
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = (v - max).exp();
+            for o in out.iter_mut() {
+                *o = (*o - max).exp();
                 sum += *o;
             }
             let inv = 1.0 / sum;
             out.iter_mut().for_each(|o| *o *= inv);
         });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// dx = y ⊙ (g − Σ g ⊙ y): only the output is needed.
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    /// d scores = y ⊙ (g − Σ g ⊙ y): only the output is needed; the mask is a constant.
+    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gy = (grad * y)?;
         let dot = gy.sum_keepdim(D::Minus1)?;
-        Ok(Some((gy - y.broadcast_mul(&dot)?)?))
+        Ok((Some((gy - y.broadcast_mul(&dot)?)?), None))
     }
 }
 
@@ -369,8 +382,17 @@ mod tests {
     }
 
     #[test]
-    fn softmax_matches_the_composition() {
-        agree(softmax, |x| candle_nn::ops::softmax(x, D::Minus1), &[2, 3, 5, 7]);
+    fn masked_softmax_matches_the_composition() {
+        // (B, KV, G, T, S) scores against a (B, 1, T, S) causal-style mask.
+        let mut mask = vec![0f32; 2 * 5 * 7];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if (i % 7) > (i / 7) % 5 + 2 {
+                *m = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (2, 1, 5, 7), &Device::Cpu).unwrap();
+        let plain = |x: &Tensor| candle_nn::ops::softmax(&x.broadcast_add(&mask.unsqueeze(1)?)?, D::Minus1);
+        agree(|x| masked_softmax(x, &mask), plain, &[2, 3, 2, 5, 7]);
     }
 
     #[test]
