@@ -29,7 +29,7 @@ const STATE: &str = "state.json";
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-pub fn dir(out: &Path) -> PathBuf {
+fn dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 

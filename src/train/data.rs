@@ -14,12 +14,6 @@ pub struct SftData {
     pub truncated: usize,
 }
 
-impl SftData {
-    pub fn response_tokens(&self) -> usize {
-        self.examples.iter().map(|e| e.targets().count()).sum()
-    }
-}
-
 /// Reads `path` (JSON Lines, one `{"messages": [user..., assistant]}` per line). A row
 /// without a final assistant turn, or with an empty one, is an error naming its line.
 pub fn read(path: &Path, model: &LoadedModel, max_len: usize) -> Result<SftData> {

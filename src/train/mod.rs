@@ -123,7 +123,10 @@ pub fn train(
     let base: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
     let mut optimizer = AdamW::new(vars.iter().cloned().collect(), config.adamw)?;
 
-    let per_epoch = data::micro_batches(&data.examples, config.micro_batch_tokens, config.seed).len();
+    // Epoch e's batches are cut with seed + e; every epoch has as many (the cut depends on
+    // lengths only), so epoch 0's also give the count.
+    let mut epoch_batches = (0, data::micro_batches(&data.examples, config.micro_batch_tokens, config.seed));
+    let per_epoch = epoch_batches.1.len();
     let steps_per_epoch = per_epoch.div_ceil(config.grad_accum);
     let total_steps = config.max_steps.unwrap_or(steps_per_epoch * config.epochs);
     let warmup = (config.warmup_ratio * total_steps as f64).ceil() as usize;
@@ -150,14 +153,13 @@ pub fn train(
     bar.set_position(start_step as u64);
     let started = Instant::now();
     let mut tokens_done = 0usize;
-    let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
-        if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        if epoch_batches.0 != epoch {
             let seed = config.seed.wrapping_add(epoch as u64);
-            epoch_batches = Some((epoch, data::micro_batches(&data.examples, config.micro_batch_tokens, seed)));
+            epoch_batches = (epoch, data::micro_batches(&data.examples, config.micro_batch_tokens, seed));
         }
-        let batches = &epoch_batches.as_ref().expect("set above").1;
+        let batches = &epoch_batches.1;
         let first = (step % steps_per_epoch) * config.grad_accum;
         let step_batches = &batches[first..(first + config.grad_accum).min(batches.len())];
 
