@@ -491,17 +491,22 @@ impl Attention {
         // key/value head are stacked along the sequence axis of one matmul.
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.contiguous()?.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = match self.softcap {
-            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-            None => scores,
-        };
-        let scores = scores.reshape((b, self.num_kv_heads, groups, t, keys))?;
-        let probs = match mode {
-            Mode::Infer => {
-                candle_nn::ops::softmax_last_dim(&at_least_f32(&scores.broadcast_add(&mask.unsqueeze(1)?)?)?)?
+        let probs = match (mode, self.softcap) {
+            (Mode::Train, None) => super::ops::attention_probs(&q, k, mask)?,
+            _ => {
+                let scores = q.matmul(&k.t()?)?;
+                let scores = match self.softcap {
+                    Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+                    None => scores,
+                };
+                let scores = scores.reshape((b, self.num_kv_heads, groups, t, keys))?;
+                let masked = at_least_f32(&scores.broadcast_add(&mask.unsqueeze(1)?)?)?;
+                match mode {
+                    // candle's fused softmax records no backward pass.
+                    Mode::Infer => candle_nn::ops::softmax_last_dim(&masked)?,
+                    Mode::Train => candle_nn::ops::softmax(&masked, candle_core::D::Minus1)?,
+                }
             }
-            Mode::Train => super::ops::masked_softmax(&scores, mask)?,
         }
         .to_dtype(v.dtype())?
         .reshape((b, self.num_kv_heads, groups * t, keys))?;
