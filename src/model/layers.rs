@@ -214,6 +214,21 @@ impl KvCache {
             .collect()
     }
 
+    /// Keeps only the given rows (in that order): generation drops finished rows so they
+    /// stop costing compute.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.slots.len()) {
+            candle_core::bail!("row {bad} of a cache with {} rows", self.slots.len())
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), k.device())?;
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.slots = rows.iter().map(|&r| self.slots[r].clone()).collect();
+        Ok(())
+    }
+
     /// Repeats a one-row cache `n` times, so a shared prompt is computed once and then
     /// continued by `n` different responses.
     pub fn expand(&self, n: usize) -> Result<Self> {
