@@ -41,6 +41,16 @@ pub fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
+/// A text file, gunzipped on the fly when its name ends in `.gz`.
+pub fn open_text(path: &Path) -> Result<Box<dyn std::io::BufRead>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    Ok(if path.to_string_lossy().ends_with(".gz") {
+        Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    })
+}
+
 /// candle allocates a fresh buffer for every tensor op. glibc serves large ones with
 /// `mmap` and returns them on free, so the next op page-faults and zeroes them again:
 /// that cost 30% of forward throughput here. Serving everything from the heap and never

@@ -1,6 +1,7 @@
 //! The `harness` command line: argument parsing and printing only; the work is in the library.
 
 mod bench;
+mod eval;
 mod model;
 mod pool;
 mod score;
@@ -29,6 +30,8 @@ pub enum Command {
     Select(score::SelectArgs),
     /// Fine-tune a model on SFT data (response-only loss, AdamW), export it for Hugging Face.
     Train(train::TrainArgs),
+    /// Evaluate a model (or given completions) on benchmarks: pass@1 and accuracy.
+    Eval(eval::EvalArgs),
     /// Describe a pool, its scores and selections.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(args) => score::run_score(args),
         Command::Select(args) => score::run_select(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Pool(cmd) => pool::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -12,7 +12,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// Which JSON field holds what. `prompt` may be a string or a chat `messages` list, whose
@@ -117,13 +117,7 @@ pub fn read(path: &Path, columns: &Columns, strict: bool) -> Result<Pool> {
     if name.ends_with(".parquet") {
         parquet::for_each_row(path, columns, |row_no, row| builder.add(row_no, row.map_err(|e| e.to_string())))?;
     } else {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader: Box<dyn Read> = if name.ends_with(".gz") {
-            Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        for (n, line) in BufReader::new(reader).lines().enumerate() {
+        for (n, line) in crate::util::open_text(path)?.lines().enumerate() {
             let line = line.map_err(|e| Error::format(path, format!("line {}: unreadable ({e})", n + 1)))?;
             if line.trim().is_empty() {
                 continue;
