@@ -242,3 +242,50 @@ pub fn training(
         peak_memory_mib: peak_memory_mib(),
     })
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationThroughput {
+    pub batch: usize,
+    pub prompts: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    /// Generated tokens per second of wall time (prefill included).
+    pub tokens_per_second: f64,
+    /// Prefill and every decoding step: body at the context it saw, head at one position.
+    pub gflops_per_second: f64,
+}
+
+impl std::fmt::Display for GenerationThroughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "generation batch {:>3}: {} prompts ({} tokens) -> {} new tokens in {:.1} s  {:>7.1} tokens/s {:>6.1} GFLOP/s",
+            self.batch, self.prompts, self.prompt_tokens, self.new_tokens, self.seconds, self.tokens_per_second, self.gflops_per_second
+        )
+    }
+}
+
+/// Greedy generation of up to `max_new_tokens` for each prompt, `batch` prompts at a time.
+pub fn generation(model: &LoadedModel, prompts: &[Vec<u32>], batch: usize, max_new_tokens: usize) -> Result<GenerationThroughput> {
+    let options = crate::generate::GenerateOptions { max_new_tokens, batch_size: batch, ..Default::default() };
+    let start = Instant::now();
+    let generations = crate::generate::generate(model, prompts, &options, |_| {})?;
+    let seconds = start.elapsed().as_secs_f64();
+    let cfg = &model.config;
+    let mut flops = 0.0;
+    for (prompt, g) in prompts.iter().zip(&generations) {
+        flops += prompt.len() as f64 * cfg.body_flops_per_token(prompt.len().div_ceil(2)) + cfg.head_flops();
+        flops += (0..g.new_tokens).map(|i| cfg.body_flops_per_token(prompt.len() + i) + cfg.head_flops()).sum::<f64>();
+    }
+    let new_tokens = generations.iter().map(|g| g.new_tokens).sum();
+    Ok(GenerationThroughput {
+        batch,
+        prompts: prompts.len(),
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        new_tokens,
+        seconds,
+        tokens_per_second: new_tokens as f64 / seconds,
+        gflops_per_second: flops / seconds / 1e9,
+    })
+}

@@ -1,4 +1,4 @@
-//! `harness bench forward | score`: throughput figures for the closing notes of each change.
+//! `harness bench forward | score | train | generate`: throughput figures for the closing notes of each change.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -14,6 +14,24 @@ pub enum BenchCommand {
     Score(ScoreArgs),
     /// Full fine-tuning steps (forward, backward, AdamW) with peak memory.
     Train(TrainArgs),
+    /// Greedy generation on a benchmark's prompts at several batch sizes.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// The benchmark whose first prompts are generated from.
+    #[arg(long, default_value = "humaneval")]
+    bench: String,
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Forward(args) => (&args.model, forward(args)?),
         BenchCommand::Score(args) => (&args.model, score(args)?),
         BenchCommand::Train(args) => (&args.model, train(args)?),
+        BenchCommand::Generate(args) => (&args.model, generate(args)?),
     };
     if model_arg.json {
         let json: Vec<&serde_json::Value> = results.iter().map(|(json, _)| json).collect();
@@ -116,6 +135,23 @@ fn train(args: &TrainArgs) -> anyhow::Result<Vec<Entry>> {
     let (m, vars) = model::load_trainable(&args.model.model, &model::LoadOptions::default())
         .with_context(|| format!("loading `{}`", args.model.model))?;
     Ok(vec![entry(bench::training(&m, &vars, batch, len, args.steps)?)?])
+}
+
+fn generate(args: &GenerateArgs) -> anyhow::Result<Vec<Entry>> {
+    use grape_harness::eval::benchmark;
+    let m = load(&args.model)?;
+    let spec = benchmark::spec_path(&args.bench, &benchmark::eval_dir())?;
+    let bench = benchmark::Benchmark::load(&spec, &pool::data_dir().join("eval"))?;
+    let prompts = bench
+        .items
+        .iter()
+        .take(args.prompts)
+        .map(|item| grape_harness::generate::prompt_ids(&m, &item.prompt, &bench.spec.response_prefix))
+        .collect::<grape_harness::Result<Vec<_>>>()?;
+    args.batch
+        .iter()
+        .map(|&batch| entry(bench::generation(&m, &prompts, batch, args.max_new_tokens)?))
+        .collect()
 }
 
 fn score(args: &ScoreArgs) -> anyhow::Result<Vec<Entry>> {
