@@ -48,6 +48,9 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long, default_value_t = TrainConfig::default().keep_checkpoints)]
     keep_checkpoints: usize,
+    /// Also save the weights alone every N steps (and at the end), all kept, under OUT/snapshots.
+    #[arg(long)]
+    snapshot_every: Option<usize>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -69,6 +72,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
+        snapshot_every: args.snapshot_every,
     };
     let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
     let (loaded, vars) =

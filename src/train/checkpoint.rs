@@ -1,5 +1,6 @@
 //! Checkpoints: weights, AdamW moments and where training stands, written whole or not at
-//! all (into a temporary folder, then renamed), the last N kept.
+//! all (into a temporary folder, then renamed), the last N kept. Snapshots: weights only,
+//! every one kept, for what studies the path of training (S2L's loss trajectories).
 
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -31,6 +32,42 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 
 fn dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
+}
+
+fn snapshot_dir(out: &Path) -> PathBuf {
+    out.join("snapshots")
+}
+
+/// Saves the weights after `step` as `out/snapshots/step-NNNNNNNN.safetensors`, written aside
+/// and renamed so a killed run never leaves half a file under the final name.
+pub fn save_snapshot(out: &Path, step: usize, weights: &[(String, Tensor)]) -> Result<PathBuf> {
+    let root = snapshot_dir(out);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let path = root.join(format!("step-{step:08}.safetensors"));
+    let aside = root.join(format!(".step-{step:08}.tmp"));
+    candle_core::safetensors::save(&weights.iter().cloned().collect::<HashMap<_, _>>(), &aside)?;
+    std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
+}
+
+/// Every snapshot under `out` as (step, file), in step order.
+pub fn snapshots(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let root = snapshot_dir(out);
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(Vec::new()) };
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, p))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// The tensors of a weights file (a checkpoint's or a snapshot's).
+pub fn load_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| Error::format(path, format!("unreadable: {e}")))
 }
 
 /// Saves `step-NNNNNNNN` under `out/checkpoints` and removes all but the newest `keep`.
@@ -104,9 +141,6 @@ pub fn latest(out: &Path, base_fingerprint: &str, device: &Device) -> Result<Opt
             ),
         ));
     }
-    let read = |name: &str| {
-        let file = path.join(name);
-        candle_core::safetensors::load(&file, device).map_err(|e| Error::format(&file, format!("unreadable: {e}")))
-    };
+    let read = |name: &str| load_weights(&path.join(name), device);
     Ok(Some(Checkpoint { state, weights: read(WEIGHTS)?, optimizer: read(OPTIMIZER)? }))
 }

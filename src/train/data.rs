@@ -8,28 +8,36 @@ use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+#[derive(Default)]
 pub struct SftData {
     pub examples: Vec<EncodedPair>,
     /// Examples longer than the maximum length, cut to it.
     pub truncated: usize,
 }
 
+impl SftData {
+    /// Encodes a pair as the scorer does and adds it, cut to `max_len` tokens.
+    pub fn push(&mut self, model: &LoadedModel, prompt: &str, response: &str, max_len: usize) -> std::result::Result<(), String> {
+        let pair = model.encode_pair(prompt, response).map_err(|e| e.to_string())?;
+        if pair.ids.len() > max_len {
+            self.truncated += 1;
+        }
+        let pair =
+            pair.truncated(max_len).ok_or(format!("the prompt alone fills the maximum length of {max_len} tokens"))?;
+        self.examples.push(pair);
+        Ok(())
+    }
+}
+
 /// Reads `path` (JSON Lines, one `{"messages": [user..., assistant]}` per line). A row
 /// without a final assistant turn, or with an empty one, is an error naming its line.
 pub fn read(path: &Path, model: &LoadedModel, max_len: usize) -> Result<SftData> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut data = SftData { examples: Vec::new(), truncated: 0 };
+    let mut data = SftData::default();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at_line = |what: String| Error::format(path, format!("line {}: {what}", n + 1));
         let (prompt, response) = parse_row(line).map_err(at_line)?;
-        let pair = model.encode_pair(&prompt, &response).map_err(|e| at_line(e.to_string()))?;
-        if pair.ids.len() > max_len {
-            data.truncated += 1;
-        }
-        let pair = pair
-            .truncated(max_len)
-            .ok_or_else(|| at_line(format!("the prompt alone fills the maximum length of {max_len} tokens")))?;
-        data.examples.push(pair);
+        data.push(model, &prompt, &response, max_len).map_err(at_line)?;
     }
     if data.examples.is_empty() {
         return Err(Error::format(path, "no training examples"));

@@ -48,6 +48,8 @@ pub struct TrainConfig {
     /// Save a checkpoint every this many steps (and always at the end).
     pub save_every: Option<usize>,
     pub keep_checkpoints: usize,
+    /// Save the weights alone every this many steps and at the end, all kept.
+    pub snapshot_every: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +69,7 @@ impl Default for TrainConfig {
             seed: 0,
             save_every: None,
             keep_checkpoints: 2,
+            snapshot_every: None,
         }
     }
 }
@@ -185,6 +188,11 @@ pub fn train(
         bar.inc(1);
         history.push(log);
         let done = step + 1;
+        let weights = || -> Vec<(String, Tensor)> { vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect() };
+        // Before the checkpoint: a run killed between the two redoes this step and saves both.
+        if config.snapshot_every.is_some_and(|k| done % k == 0 || done == total_steps) {
+            checkpoint::save_snapshot(out, done, &weights())?;
+        }
         if done == total_steps || config.save_every.is_some_and(|k| done % k == 0) {
             let state = TrainState {
                 step: done,
@@ -192,8 +200,7 @@ pub fn train(
                 seed: config.seed,
                 base_fingerprint: target.base_fingerprint.clone(),
             };
-            let weights: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-            checkpoint::save(out, &state, &weights, &optimizer.state(), config.keep_checkpoints)?;
+            checkpoint::save(out, &state, &weights(), &optimizer.state(), config.keep_checkpoints)?;
         }
     }
     bar.finish_and_clear();
