@@ -41,7 +41,7 @@ fn run(name: &str, params: &[(&str, &str)], seed: u64) -> Selection {
     let (pool, scores) = pool_and_scores();
     let params: Params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let selector = select::build(name, &params).unwrap();
-    selector.select(&SelectInput { pool: &pool, scores: Some(&scores), seed }).unwrap()
+    selector.select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed }).unwrap()
 }
 
 fn picks_of(selection: &Selection, instruction: usize) -> Vec<usize> {
@@ -131,7 +131,7 @@ fn bad_names_and_parameters_are_clear() {
         let params: Params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         match select::build(name, &params) {
             Err(e) => e.to_string(),
-            Ok(s) => s.select(&SelectInput { pool: &pool, scores: Some(&scores), seed: 0 }).unwrap_err().to_string(),
+            Ok(s) => s.select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed: 0 }).unwrap_err().to_string(),
         }
     };
     let e = err("best", &[]);
@@ -147,7 +147,7 @@ fn bad_names_and_parameters_are_clear() {
     let e = err("strongest", &[]);
     assert!(e.contains("`source` is required"), "{e}");
     let selector = select::build("grape", &Params::new()).unwrap();
-    let e = selector.select(&SelectInput { pool: &pool, scores: None, seed: 0 }).unwrap_err().to_string();
+    let e = selector.select(&SelectInput { pool: &pool, scores: None, trajectories: None, seed: 0 }).unwrap_err().to_string();
     assert!(e.contains("needs scores"), "{e}");
 }
 

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use grape_harness::model::{self, LoadedModel};
 use grape_harness::pool::{stats, Pool};
 use grape_harness::score::{self, Overflow, Score, ScoreOptions, ScoreStore};
-use grape_harness::select::{self, Params, SelectInput};
+use grape_harness::select::{self, s2l, Needs, Params, SelectInput};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -100,6 +100,9 @@ pub struct SelectArgs {
     /// Folder for manifest.jsonl and sft.jsonl.
     #[arg(long)]
     out: PathBuf,
+    /// Where s2l trains its reference model and keeps the loss trajectories [default: OUT/trajectories].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 fn load(name: &str, template: Option<&str>) -> anyhow::Result<LoadedModel> {
@@ -155,18 +158,36 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
     let name = &args.selector;
     let selector = select::build(name, &params)?;
     let pool = args.pool.read()?;
-    let scores = if selector.needs_scores() {
-        let model_name = args.model.as_deref().with_context(|| format!("selector `{name}` ranks by scores: give --model"))?;
-        let model = load(model_name, args.template.as_deref())?;
-        let fingerprint = model.fingerprint()?;
-        let path = args.scores.clone().unwrap_or_else(|| ScoreStore::default_path(&fingerprint));
-        let mut store =
-            ScoreStore::open(&path, &fingerprint).with_context(|| format!("opening the score store {}", path.display()))?;
-        Some(score_pool(&model, &pool, &args.scoring.options(), &mut store)?)
-    } else {
-        None
+    let model_for = |why: &str| args.model.as_deref().with_context(|| format!("selector `{name}` {why}: give --model"));
+    let (scores, trajectories) = match selector.needs() {
+        Needs::Nothing => (None, None),
+        Needs::Scores => {
+            let model = load(model_for("ranks by scores")?, args.template.as_deref())?;
+            let fingerprint = model.fingerprint()?;
+            let path = args.scores.clone().unwrap_or_else(|| ScoreStore::default_path(&fingerprint));
+            let mut store = ScoreStore::open(&path, &fingerprint)
+                .with_context(|| format!("opening the score store {}", path.display()))?;
+            (Some(score_pool(&model, &pool, &args.scoring.options(), &mut store)?), None)
+        }
+        Needs::Trajectories(reference) => {
+            let target = model_for("trains a reference model of the target's family")?;
+            let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
+            let dir = args.work_dir.clone().unwrap_or_else(|| args.out.join("trajectories"));
+            let t = s2l::trajectories::compute(target, &options, &pool, &reference, args.seed, &dir, true)
+                .with_context(|| format!("computing S2L loss trajectories in {}", dir.display()))?;
+            println!(
+                "trajectories: {} snapshots (steps {:?}); reference training {:.1} s, {} tokens; scoring {:.1} s, {} tokens",
+                t.steps.len(),
+                t.steps,
+                t.cost.train_seconds,
+                t.cost.train_tokens,
+                t.cost.score_seconds,
+                t.cost.score_tokens
+            );
+            (None, Some(t))
+        }
     };
-    let input = SelectInput { pool: &pool, scores: scores.as_deref(), seed: args.seed };
+    let input = SelectInput { pool: &pool, scores: scores.as_deref(), trajectories: trajectories.as_ref(), seed: args.seed };
     let selection = selector.select(&input)?;
     let out = &args.out;
     select::write(&selection, &pool, out).with_context(|| format!("writing the selection to {}", out.display()))?;

@@ -1,7 +1,7 @@
 //! `grape` and `lowest`: rank each instruction's candidates by their (normalised) score
 //! under the target model and keep the top or bottom `k`.
 
-use super::{ParamReader, Params, Pick, SelectInput, Selection, Selector};
+use super::{Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
 use crate::score::Score;
 use crate::{Error, Result};
 
@@ -75,8 +75,8 @@ impl Selector for Ranked {
         self.name
     }
 
-    fn needs_scores(&self) -> bool {
-        true
+    fn needs(&self) -> Needs {
+        Needs::Scores
     }
 
     fn select(&self, input: &SelectInput) -> Result<Selection> {
@@ -107,6 +107,7 @@ impl Selector for Ranked {
                     instruction: i,
                     candidate: j,
                     score: Some(value),
+                    cluster: None,
                     why: format!(
                         "{} {} log-prob {value:.4}, rank {} of {total}",
                         if self.highest { "highest" } else { "lowest" },
@@ -116,10 +117,6 @@ impl Selector for Ranked {
                 });
             }
         }
-        Ok(Selection {
-            selector: self.name.to_string(),
-            picks,
-            flagged,
-        })
+        Ok(Selection { selector: self.name.to_string(), picks, flagged, report: None })
     }
 }

@@ -6,6 +6,7 @@
 
 mod grape;
 mod random;
+pub mod s2l;
 mod strongest;
 
 use crate::pool::Pool;
@@ -18,11 +19,23 @@ use std::io::Write;
 use std::path::Path;
 
 /// What a selector sees: the pool, the scores (`scores[i][j]` for candidate `j` of
-/// instruction `i`, `None` if unscored) when it needs them, and the seed.
+/// instruction `i`, `None` if unscored) or the loss trajectories when it needs them, and
+/// the seed.
 pub struct SelectInput<'a> {
     pub pool: &'a Pool,
     pub scores: Option<&'a [Vec<Option<Score>>]>,
+    pub trajectories: Option<&'a s2l::Trajectories>,
     pub seed: u64,
+}
+
+/// What a selector reads beyond the pool, so callers compute only that.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Needs {
+    Nothing,
+    /// The target model's scores of every candidate.
+    Scores,
+    /// Loss trajectories of a reference model trained as configured.
+    Trajectories(s2l::ReferenceConfig),
 }
 
 impl SelectInput<'_> {
@@ -47,6 +60,8 @@ pub struct Pick {
     pub candidate: usize,
     /// The score the choice was made on, when there was one.
     pub score: Option<f64>,
+    /// The cluster it was drawn from (s2l).
+    pub cluster: Option<usize>,
     pub why: String,
 }
 
@@ -56,13 +71,14 @@ pub struct Selection {
     pub picks: Vec<Pick>,
     /// Instructions worth a look: a single candidate, none scored, too few to sample from.
     pub flagged: Vec<String>,
+    /// Anything else worth keeping, written as `report.json` (s2l: cluster sizes, cost).
+    pub report: Option<serde_json::Value>,
 }
 
 pub trait Selector {
     fn name(&self) -> &'static str;
-    /// Whether `select` reads scores, so callers score the pool only when it does.
-    fn needs_scores(&self) -> bool {
-        false
+    fn needs(&self) -> Needs {
+        Needs::Nothing
     }
     fn select(&self, input: &SelectInput) -> Result<Selection>;
 }
@@ -86,6 +102,7 @@ pub const REGISTRY: &[(&str, &str, Build)] = &[
     ("random", "k uniformly random responses per instruction", random::build_random),
     ("strongest", "only the responses of one named source model", strongest::build),
     ("upscale", "`factor` (default 3) times as many random responses per instruction", random::build_upscale),
+    ("s2l", "k-means over a reference model's loss trajectories, sampled evenly from the clusters", s2l::build),
 ];
 
 pub fn build(name: &str, params: &Params) -> Result<Box<dyn Selector>> {
@@ -141,6 +158,8 @@ struct ManifestRow<'a> {
     #[serde(borrow)]
     source: Cow<'a, str>,
     score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster: Option<usize>,
     #[serde(borrow)]
     selector: Cow<'a, str>,
     #[serde(borrow)]
@@ -175,6 +194,7 @@ pub fn write(selection: &Selection, pool: &Pool, dir: &Path) -> Result<()> {
             candidate: pick.candidate,
             source: Cow::Borrowed(&candidate.source),
             score: pick.score,
+            cluster: pick.cluster,
             selector: Cow::Borrowed(&selection.selector),
             why: Cow::Borrowed(&pick.why),
         };
@@ -187,9 +207,14 @@ pub fn write(selection: &Selection, pool: &Pool, dir: &Path) -> Result<()> {
         serde_json::to_writer(&mut sft, &messages).expect("plain data serialises");
         sft.push(b'\n');
     }
-    for (path, bytes) in [(&manifest_path, manifest), (&sft_path, sft)] {
+    let mut files = vec![(manifest_path, manifest), (sft_path, sft)];
+    if let Some(report) = &selection.report {
+        let json = serde_json::to_vec_pretty(report).expect("plain data serialises");
+        files.push((dir.join("report.json"), json));
+    }
+    for (path, bytes) in &files {
         let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-        file.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+        file.write_all(bytes).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }

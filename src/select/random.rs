@@ -46,10 +46,11 @@ impl Selector for Random {
                     instruction: i,
                     candidate: j,
                     score,
+                    cluster: None,
                     why: format!("uniform draw {} of {} (seed {})", order.iter().position(|&o| o == j).unwrap_or(0) + 1, n, input.seed),
                 });
             }
         }
-        Ok(Selection { selector: self.name.to_string(), picks, flagged })
+        Ok(Selection { selector: self.name.to_string(), picks, flagged, report: None })
     }
 }

@@ -45,15 +45,15 @@ impl Selector for Strongest {
         for (i, instruction) in input.pool.instructions.iter().enumerate() {
             let score = |j: usize| input.scores.and_then(|s| s.get(i)?.get(j)?.as_ref()).map(|s| s.sum_logprob);
             match instruction.candidates.iter().position(|c| c.source == self.source) {
-                Some(j) => picks.push(Pick { instruction: i, candidate: j, score: score(j), why: format!("written by {}", self.source) }),
+                Some(j) => picks.push(Pick { instruction: i, candidate: j, score: score(j), cluster: None, why: format!("written by {}", self.source) }),
                 None if self.fill_random => {
                     let j = rng.below(instruction.candidates.len());
                     flagged.push(format!("instruction `{}`: no {} response, filled at random", instruction.id, self.source));
-                    picks.push(Pick { instruction: i, candidate: j, score: score(j), why: format!("no {} response; uniform fill", self.source) });
+                    picks.push(Pick { instruction: i, candidate: j, score: score(j), cluster: None, why: format!("no {} response; uniform fill", self.source) });
                 }
                 None => flagged.push(format!("instruction `{}`: no {} response, dropped", instruction.id, self.source)),
             }
         }
-        Ok(Selection { selector: "strongest".into(), picks, flagged })
+        Ok(Selection { selector: "strongest".into(), picks, flagged, report: None })
     }
 }

@@ -1,0 +1,325 @@
+//! S2L's loss trajectories: a reference model fine-tuned on a random share of the pool, its
+//! weights snapshotted along the way, and every candidate's mean response-token loss at each
+//! snapshot, computed by the scorer (one code path for per-example loss).
+//!
+//! Everything lands in a folder named by the hash of all it depends on (reference weights,
+//! settings, seed, pool) and is reused: the reference run resumes from its last checkpoint,
+//! each snapshot's losses live in their own score store, and a finished
+//! `trajectories.parquet` is read back instead of recomputed.
+
+use crate::model::{self, LoadOptions, LoadedModel};
+use crate::pool::Pool;
+use crate::score::{self, ScoreOptions, ScoreStore};
+use crate::train::{self, checkpoint, data::SftData, TrainConfig, Trainable};
+use crate::util::Rng;
+use crate::{Error, Result};
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// How the reference model is trained and when its losses are taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceConfig {
+    /// A smaller model of the target's family; `None`: the target itself.
+    pub model: Option<String>,
+    /// Share of the pool's candidate pairs the reference is trained on.
+    pub subset: f64,
+    pub epochs: usize,
+    /// About this many snapshots, evenly spaced over the reference run (the last at its end).
+    pub checkpoints: usize,
+    pub lr: f64,
+    pub max_len: usize,
+    pub micro_batch_tokens: usize,
+}
+
+/// The paper's S2L settings: 5% of the data, 4 epochs, peak learning rate 2e-5.
+impl Default for ReferenceConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            subset: 0.05,
+            epochs: 4,
+            checkpoints: 10,
+            lr: 2e-5,
+            max_len: TrainConfig::default().max_len,
+            micro_batch_tokens: TrainConfig::default().micro_batch_tokens,
+        }
+    }
+}
+
+/// What the trajectories cost, beside GRAPE's single scoring pass (N·F) in a report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    pub train_seconds: f64,
+    /// Tokens run forward and backward by the reference run (all epochs).
+    pub train_tokens: usize,
+    pub score_seconds: f64,
+    /// Prompt + response tokens scored, summed over snapshots.
+    pub score_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectories {
+    /// Training steps of the snapshots, ascending.
+    pub steps: Vec<usize>,
+    /// `losses[i][j]`: candidate j of instruction i, one mean loss per snapshot; `None` when
+    /// the pair could not be scored (its prompt alone exceeds the maximum length).
+    pub losses: Vec<Vec<Option<Vec<f64>>>>,
+    pub cost: Cost,
+}
+
+const TABLE: &str = "trajectories.parquet";
+const COST: &str = "cost.json";
+
+/// The trajectories of every candidate of `pool`, computed under `work_dir` or read from it.
+pub fn compute(
+    target: &str,
+    load: &LoadOptions,
+    pool: &Pool,
+    config: &ReferenceConfig,
+    seed: u64,
+    work_dir: &Path,
+    progress: bool,
+) -> Result<Trajectories> {
+    validate(config)?;
+    let reference_name = config.model.as_deref().unwrap_or(target);
+    let (reference, vars) = model::load_trainable(reference_name, load)?;
+    if config.model.is_some() {
+        let target_model = model::inspect(target, load.template.as_deref())?;
+        same_tokenizer_family(&target_model, &reference, target, reference_name)?;
+    }
+    let base_fingerprint = reference.fingerprint()?;
+    let pool_digest: String = pool
+        .instructions
+        .iter()
+        .flat_map(|i| i.candidates.iter().map(|c| score::pair_hash(&i.prompt, &c.response)))
+        .collect();
+    let key = crate::util::sha256_bytes(format!("{base_fingerprint}\0{config:?}\0{seed}\0{pool_digest}").as_bytes());
+    let dir = &work_dir.join(&key[..16]);
+    let table = dir.join(TABLE);
+    if table.exists() {
+        let cost = read_cost(&dir.join(COST))?;
+        return read_table(&table, pool, cost);
+    }
+
+    // The reference run: a seeded share of all (instruction, candidate) pairs.
+    let mut pairs: Vec<(usize, usize)> = pool
+        .instructions
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ins)| (0..ins.candidates.len()).map(move |j| (i, j)))
+        .collect();
+    Rng::new(seed).shuffle(&mut pairs);
+    let take = ((config.subset * pairs.len() as f64).ceil() as usize).clamp(1, pairs.len());
+    let mut data = SftData::default();
+    for &(i, j) in &pairs[..take] {
+        let ins = &pool.instructions[i];
+        data.push(&reference, &ins.prompt, &ins.candidates[j].response, config.max_len)
+            .map_err(|e| Error::Invalid(format!("S2L reference data, instruction `{}` candidate {j}: {e}", ins.id)))?;
+    }
+    let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
+    let total_steps = per_epoch * config.epochs;
+    let every = total_steps.div_ceil(config.checkpoints).max(1);
+    let train_config = TrainConfig {
+        lr: config.lr,
+        epochs: config.epochs,
+        micro_batch_tokens: config.micro_batch_tokens,
+        max_len: config.max_len,
+        seed,
+        save_every: Some(every),
+        keep_checkpoints: 1,
+        snapshot_every: Some(every),
+        // As the paper's S2L runs: cosine decay after a 3% warm-up.
+        schedule: train::optim::Schedule::Cosine,
+        warmup_ratio: 0.03,
+        ..TrainConfig::default()
+    };
+    let run_dir = dir.join("reference");
+    let report_path = run_dir.join("report.json");
+    let mut cost = Cost {
+        train_tokens: data.examples.iter().map(|e| e.ids.len()).sum::<usize>() * config.epochs,
+        ..Cost::default()
+    };
+    if !report_path.exists() {
+        tracing::info!("S2L: training the reference `{reference_name}` on {take} pairs, {total_steps} steps");
+        let trainable = Trainable { model: &reference, vars: &vars, base_fingerprint: base_fingerprint.clone() };
+        cost.train_seconds = train::train(&trainable, &data, &train_config, &run_dir, true, progress)?.seconds;
+    } else {
+        cost.train_seconds = read_train_seconds(&report_path)?;
+    }
+
+    let snapshots = checkpoint::snapshots(&run_dir)?;
+    if snapshots.is_empty() {
+        return Err(Error::Invalid(format!("S2L: the reference run in {} left no snapshots", run_dir.display())));
+    }
+    let groups = pool.groups();
+    let options = ScoreOptions { max_len: config.max_len, progress, ..ScoreOptions::default() };
+    let named = train::sorted_vars(&vars);
+    let started = Instant::now();
+    let mut columns = Vec::with_capacity(snapshots.len());
+    for (step, path) in &snapshots {
+        let weights = checkpoint::load_weights(path, &reference.device)?;
+        for (name, var) in &named {
+            let saved = checkpoint::saved_like(&weights, name, var.as_tensor(), "snapshot")?;
+            var.set(&saved.to_dtype(var.dtype())?)?;
+        }
+        // Each snapshot is its own model: its scores get their own store.
+        let fingerprint = crate::util::sha256_bytes(format!("{base_fingerprint}\0s2l-snapshot\0{step}").as_bytes());
+        let store_path = dir.join("losses").join(format!("step-{step:08}.parquet"));
+        if let Some(parent) = store_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let mut store = ScoreStore::open(&store_path, &fingerprint)?;
+        let scored = score::score_stored(&reference, &groups, &options, &mut store);
+        store.compact()?;
+        let (scores, _) = scored?;
+        cost.score_tokens += scores.iter().flatten().flatten().map(|s| s.n_tokens).sum::<usize>();
+        columns.push(scores);
+    }
+    cost.score_tokens += prompt_tokens(&reference, pool)? * columns.len();
+    cost.score_seconds = started.elapsed().as_secs_f64();
+
+    let steps: Vec<usize> = snapshots.iter().map(|(s, _)| *s).collect();
+    let losses = pool
+        .instructions
+        .iter()
+        .enumerate()
+        .map(|(i, ins)| {
+            (0..ins.candidates.len())
+                .map(|j| {
+                    columns
+                        .iter()
+                        .map(|scores| scores[i][j].as_ref().map(|s| -s.sum_logprob / s.n_tokens.max(1) as f64))
+                        .collect::<Option<Vec<f64>>>()
+                })
+                .collect()
+        })
+        .collect();
+    let trajectories = Trajectories { steps, losses, cost };
+    write_table(&table, pool, &trajectories)?;
+    let json = serde_json::to_string_pretty(&trajectories.cost).expect("plain data serialises");
+    std::fs::write(dir.join(COST), json).map_err(|e| Error::io(dir.join(COST), e))?;
+    Ok(trajectories)
+}
+
+fn validate(config: &ReferenceConfig) -> Result<()> {
+    let problem = if !(config.subset > 0.0 && config.subset <= 1.0) {
+        Some(format!("subset {} must be in (0, 1]", config.subset))
+    } else if config.epochs == 0 || config.checkpoints == 0 {
+        Some("epochs and checkpoints must be at least 1".to_string())
+    } else {
+        None
+    };
+    problem.map_or(Ok(()), |p| Err(Error::Invalid(format!("selector `s2l`: {p}"))))
+}
+
+/// Losses of one tokenizer's tokens say nothing about another's: the reference must share
+/// the target's vocabulary.
+fn same_tokenizer_family(target: &LoadedModel, reference: &LoadedModel, target_name: &str, reference_name: &str) -> Result<()> {
+    let vocab = |m: &LoadedModel| {
+        let mut v: Vec<(String, u32)> = m.tokenizer.inner.get_vocab(true).into_iter().collect();
+        v.sort();
+        v
+    };
+    if vocab(target) != vocab(reference) {
+        return Err(Error::Invalid(format!(
+            "selector `s2l`: the reference model `{reference_name}` ({} tokens) has another tokenizer than the target \
+             `{target_name}` ({} tokens); use a smaller model of the target's family",
+            reference.tokenizer.vocab_size(),
+            target.tokenizer.vocab_size()
+        )));
+    }
+    Ok(())
+}
+
+/// Prompt tokens of the pool, each prompt once: the scorer runs a prompt once for all of its
+/// candidates, so this plus the response tokens is the whole forward work of one pass.
+fn prompt_tokens(model: &LoadedModel, pool: &Pool) -> Result<usize> {
+    let mut total = 0;
+    for ins in &pool.instructions {
+        let Some(first) = ins.candidates.first() else { continue };
+        total += model.encode_pair(&ins.prompt, &first.response)?.first_response;
+    }
+    Ok(total)
+}
+
+fn read_train_seconds(path: &Path) -> Result<f64> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not a training report: {e}")))?;
+    Ok(report["seconds"].as_f64().unwrap_or(0.0))
+}
+
+fn read_cost(path: &Path) -> Result<Cost> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not an S2L cost record: {e}")))
+}
+
+fn step_column(step: usize) -> String {
+    format!("step_{step:08}")
+}
+
+/// One row per candidate (`instruction_id`, `candidate`, `source`), one `step_NNNNNNNN`
+/// column of mean losses per snapshot in step order; null where the pair was not scored.
+fn write_table(path: &Path, pool: &Pool, t: &Trajectories) -> Result<()> {
+    let rows: Vec<(usize, usize)> = pool
+        .instructions
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ins)| (0..ins.candidates.len()).map(move |j| (i, j)))
+        .collect();
+    let mut columns = vec![
+        Column::new("instruction_id".into(), rows.iter().map(|&(i, _)| pool.instructions[i].id.as_str()).collect::<Vec<_>>()),
+        Column::new("candidate".into(), rows.iter().map(|&(_, j)| j as u32).collect::<Vec<u32>>()),
+        Column::new(
+            "source".into(),
+            rows.iter().map(|&(i, j)| pool.instructions[i].candidates[j].source.as_str()).collect::<Vec<_>>(),
+        ),
+    ];
+    for (c, &step) in t.steps.iter().enumerate() {
+        let values: Vec<Option<f64>> = rows.iter().map(|&(i, j)| t.losses[i][j].as_ref().map(|l| l[c])).collect();
+        columns.push(Column::new(step_column(step).into(), values));
+    }
+    let failed = |e: PolarsError| Error::format(path, format!("cannot write trajectories: {e}"));
+    let mut df = DataFrame::new(rows.len(), columns).map_err(failed)?;
+    let aside = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&aside).map_err(|e| Error::io(&aside, e))?;
+    ParquetWriter::new(file).finish(&mut df).map_err(failed)?;
+    std::fs::rename(&aside, path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a table `write_table` wrote for this same pool.
+pub fn read_table(path: &Path, pool: &Pool, cost: Cost) -> Result<Trajectories> {
+    let bad = |what: String| Error::format(path, format!("not a trajectories table for this pool: {what}"));
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let df = ParquetReader::new(file).finish().map_err(|e| bad(e.to_string()))?;
+    let mut steps: Vec<usize> = df
+        .get_column_names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("step_")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    if df.height() != pool.candidate_count() || steps.is_empty() {
+        return Err(bad(format!("{} rows and {} step columns for {} candidates", df.height(), steps.len(), pool.candidate_count())));
+    }
+    let ids = df.column("instruction_id").and_then(|c| c.str().cloned()).map_err(|e| bad(e.to_string()))?;
+    let values = steps
+        .iter()
+        .map(|&s| df.column(&step_column(s)).and_then(|c| c.f64().cloned()).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    let mut row = 0;
+    let mut losses = Vec::with_capacity(pool.instructions.len());
+    for ins in &pool.instructions {
+        let mut per_candidate = Vec::with_capacity(ins.candidates.len());
+        for _ in &ins.candidates {
+            if ids.get(row) != Some(ins.id.as_str()) {
+                return Err(bad(format!("row {} is instruction {:?}, expected `{}`", row + 1, ids.get(row), ins.id)));
+            }
+            per_candidate.push(values.iter().map(|v| v.get(row)).collect::<Option<Vec<f64>>>());
+            row += 1;
+        }
+        losses.push(per_candidate);
+    }
+    Ok(Trajectories { steps, losses, cost })
+}

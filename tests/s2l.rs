@@ -1,0 +1,119 @@
+//! `harness select --selector s2l` end to end on stories260K and a tiny pool: a reference run
+//! with snapshots, loss trajectories in Parquet, k-means and balanced sampling; and its
+//! answers to bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+mod common;
+
+fn harness(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harness")).args(args).env("HARNESS_CACHE_DIR", cache).output().unwrap()
+}
+
+/// 8 instructions with 3 candidates each, story-like so stories260K has something to learn.
+fn pool(dir: &Path) -> String {
+    let prompts = ["Tell me about a cat.", "Who is Lily?", "Say hi.", "What did Tom find?", "Where is the ball?",
+        "Why was Sue sad?", "What is red?", "Name a dog."];
+    let responses = ["The cat sat on the mat and was happy.", "Lily is a little girl who likes to play in the park.",
+        "Once upon a time there was a big tree.", "He found a shiny red ball under the bed.", "It is in the garden.",
+        "She lost her toy and cried.", "An apple is red.", "The dog is called Max."];
+    let mut text = String::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for (j, source) in ["alpha", "beta", "gamma"].iter().enumerate() {
+            let response = responses[(i + j * 3) % responses.len()];
+            text += &serde_json::json!({"instruction_id": i, "prompt": prompt, "response": response, "source": source})
+                .to_string();
+            text.push('\n');
+        }
+    }
+    let path = dir.join("pool.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+const REFERENCE: [&str; 12] = [
+    "--param", "subset=0.5", "--param", "epochs=2", "--param", "checkpoints=3", "--param", "lr=0.001", "--param",
+    "max_len=96", "--param", "micro_batch_tokens=192",
+];
+
+#[test]
+fn s2l_selects_evenly_from_clusters_of_real_trajectories() {
+    let stories = Path::new("../shared/models/stories260K.gguf");
+    if !stories.exists() {
+        return eprintln!("skipped: {} is not here", stories.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pool = pool(dir.path());
+    let out = dir.path().join("s2l");
+    let args = [
+        &["select", "--selector", "s2l", "--model", "stories260k", "--pool", &pool, "--param", "k=3", "--seed", "5"][..],
+        &REFERENCE[..],
+        &["--out", out.to_str().unwrap()][..],
+    ]
+    .concat();
+    let first = harness(&args, &cache);
+    let said = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(first.status.success(), "{}{said}", String::from_utf8_lossy(&first.stderr));
+    assert!(said.contains("s2l: 8 picks from 8 instructions"), "{said}");
+
+    // One folder per (reference, settings, seed, pool).
+    let work: Vec<_> = std::fs::read_dir(out.join("trajectories")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(work.len(), 1, "{work:?}");
+    let table = work[0].join("trajectories.parquet");
+    assert!(table.exists());
+    let snapshots = std::fs::read_dir(work[0].join("reference/snapshots")).unwrap().count();
+    assert!((3..=4).contains(&snapshots), "{snapshots} snapshots");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let sizes: Vec<u64> = report["cluster_sizes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(sizes.iter().sum::<u64>(), 24, "{report}");
+    assert!(report["cost"]["train_tokens"].as_u64().unwrap() > 0 && report["cost"]["score_tokens"].as_u64().unwrap() > 0);
+    let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = manifest.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 8);
+    assert!(rows.iter().all(|r| r["cluster"].as_u64().is_some_and(|c| c < 3)), "{manifest}");
+    let taken: Vec<u64> = report["picks_per_cluster"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let open: Vec<u64> = taken.iter().zip(&sizes).filter(|(t, s)| t < s).map(|(t, _)| *t).collect();
+    assert!(open.iter().max().unwrap() - open.iter().min().unwrap() <= 1, "{taken:?} of {sizes:?}");
+
+    // A rerun reads the trajectories back and draws the same selection.
+    let modified = std::fs::metadata(&table).unwrap().modified().unwrap();
+    let again = harness(&args, &cache);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(std::fs::metadata(&table).unwrap().modified().unwrap(), modified);
+    assert_eq!(std::fs::read_to_string(out.join("manifest.jsonl")).unwrap(), manifest);
+}
+
+#[test]
+fn s2l_bad_input_is_one_clear_error() {
+    let stories = Path::new("../shared/models/stories260K.gguf");
+    let other = Path::new("../shared/models/llama-2-tiny-random.gguf");
+    if !stories.exists() || !other.exists() {
+        return eprintln!("skipped: the models in ../shared/models are not here");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pool = pool(dir.path());
+    let work = dir.path().join("work");
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let args = [
+            &["select", "--selector", "s2l", "--model", "stories260k", "--pool", &pool][..],
+            &REFERENCE[..],
+            extra,
+            &["--out", out.to_str().unwrap(), "--work-dir", work.to_str().unwrap()][..],
+        ]
+        .concat();
+        common::one_error_line(&harness(&args, &cache))
+    };
+    let err = run(&["--param", "k=25"], "k");
+    assert!(err.contains("k = 25 clusters but only 24 candidates"), "{err}");
+    let err = run(&["--param", "k=2", "--param", "budget=30"], "budget");
+    assert!(err.contains("budget 30 exceeds the 24 candidates"), "{err}");
+    let err = run(&["--param", "k=2", "--param", "budget=9", "--param", "mode=per-instruction"], "per");
+    assert!(err.contains("budget 9 exceeds the 8 instructions"), "{err}");
+    let reference = format!("reference={}", other.display());
+    let err = run(&["--param", &reference], "family");
+    assert!(err.contains("another tokenizer than the target"), "{err}");
+}
