@@ -176,6 +176,8 @@ pub struct TrainingThroughput {
     pub seq_len: usize,
     pub steps: usize,
     pub seconds_per_step: f64,
+    /// Of `seconds_per_step`, the AdamW update (gradient norm, clipping, moments, weights).
+    pub optimizer_seconds_per_step: f64,
     pub tokens_per_second: f64,
     /// Forward plus backward (counted as twice the forward), head at every trained position.
     pub gflops_per_second: f64,
@@ -186,10 +188,11 @@ impl std::fmt::Display for TrainingThroughput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "training step (AdamW, f32) {:>3}x{:<5} {:>8.3} s/step {:>7.1} tokens/s {:>6.1} GFLOP/s  peak {} MiB",
+            "training step (AdamW, f32) {:>3}x{:<5} {:>8.3} s/step (AdamW {:.3} s) {:>7.1} tokens/s {:>6.1} GFLOP/s  peak {} MiB",
             self.batch,
             self.seq_len,
             self.seconds_per_step,
+            self.optimizer_seconds_per_step,
             self.tokens_per_second,
             self.gflops_per_second,
             self.peak_memory_mib.map_or("?".to_string(), |m| format!("{m:.0}")),
@@ -218,15 +221,17 @@ pub fn training(
     let micro_batch = vec![examples.iter().collect::<Vec<_>>()];
     let named = sorted_vars(vars);
     let mut optimizer = optim::AdamW::new(named.iter().cloned().collect(), optim::AdamWConfig::default())?;
-    let mut step = || -> Result<()> {
+    let mut step = || -> Result<f64> {
         let (_, grads, _, _) = loss_and_grads(model, &named, &micro_batch)?;
+        let update = Instant::now();
         optimizer.step(&grads, 1e-5, Some(1.0))?;
-        Ok(())
+        Ok(update.elapsed().as_secs_f64())
     };
     step()?;
     let start = Instant::now();
+    let mut optimizer_seconds = 0.0;
     for _ in 0..steps {
-        step()?;
+        optimizer_seconds += step()?;
     }
     let seconds = start.elapsed().as_secs_f64() / steps as f64;
     let tokens = (batch * seq_len) as f64;
@@ -237,6 +242,7 @@ pub fn training(
         seq_len,
         steps,
         seconds_per_step: seconds,
+        optimizer_seconds_per_step: optimizer_seconds / steps as f64,
         tokens_per_second: tokens / seconds,
         gflops_per_second: flops / seconds / 1e9,
         peak_memory_mib: peak_memory_mib(),

@@ -2,7 +2,8 @@
 //! checkpointed), global gradient-norm clipping, and learning-rate schedules.
 
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -64,6 +65,70 @@ struct Slot {
     v: Tensor,
 }
 
+/// One step's scalars, in the f32 the fused update computes in.
+struct Coefficients {
+    scale: f32,
+    beta1: f32,
+    beta2: f32,
+    correction1: f32,
+    correction2: f32,
+    eps: f32,
+    lr: f32,
+    /// 1 − lr · weight decay.
+    decay: f32,
+}
+
+impl Slot {
+    /// The update in one pass over g, m, v and w for f32 weights on the CPU, where the
+    /// composed tensor ops take about fourteen passes and as many fresh buffers: that made
+    /// AdamW 7% of a SmolLM2 training step. `false`: not such a slot, use the composed ops.
+    fn step_fused(&mut self, g: &Tensor, k: &Coefficients) -> Result<bool> {
+        let w = self.var.as_tensor();
+        let fused = with_cpu_f32(g, |g| {
+            with_cpu_f32(&self.m, |m| {
+                with_cpu_f32(&self.v, |v| {
+                    with_cpu_f32(w, |w| {
+                        let n = w.len();
+                        let (mut m2, mut v2, mut w2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                        const CHUNK: usize = 1 << 14;
+                        (m2.par_chunks_mut(CHUNK), v2.par_chunks_mut(CHUNK), w2.par_chunks_mut(CHUNK))
+                            .into_par_iter()
+                            .enumerate()
+                            .for_each(|(c, (m2, v2, w2))| {
+                                let at = c * CHUNK;
+                                for i in 0..m2.len() {
+                                    let gi = g[at + i] * k.scale;
+                                    let mi = k.beta1 * m[at + i] + (1.0 - k.beta1) * gi;
+                                    let vi = k.beta2 * v[at + i] + (1.0 - k.beta2) * gi * gi;
+                                    let update = (mi / k.correction1) / ((vi / k.correction2).sqrt() + k.eps);
+                                    m2[i] = mi;
+                                    v2[i] = vi;
+                                    w2[i] = w[at + i] * k.decay - k.lr * update;
+                                }
+                            });
+                        (m2, v2, w2)
+                    })
+                })
+            })
+        });
+        let Some(Some(Some(Some((m2, v2, w2))))) = fused else { return Ok(false) };
+        let shape = w.shape().clone();
+        let device = w.device();
+        self.m = Tensor::from_vec(m2, shape.clone(), device)?;
+        self.v = Tensor::from_vec(v2, shape.clone(), device)?;
+        self.var.set(&Tensor::from_vec(w2, shape, device)?)?;
+        Ok(true)
+    }
+}
+
+/// `f` on the elements of a contiguous f32 tensor in CPU memory; `None` for anything else.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    cpu.as_slice::<f32>().ok().map(|all| f(&all[start..end]))
+}
+
 pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
@@ -86,12 +151,15 @@ impl AdamW {
         Ok(Self { config, slots, steps: 0 })
     }
 
-    /// √(Σ g²) over every gradient, in f32.
+    /// √(Σ g²) over every gradient.
     pub fn grad_norm(&self, grads: &HashMap<String, Tensor>) -> Result<f64> {
         let mut total = 0.0;
         for slot in &self.slots {
             if let Some(g) = grads.get(&slot.name) {
-                total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                total += match with_cpu_f32(g, |g| g.par_iter().map(|&x| x as f64 * x as f64).sum::<f64>()) {
+                    Some(sum) => sum,
+                    None => g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+                };
             }
         }
         Ok(total.sqrt())
@@ -109,8 +177,21 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         let correction1 = 1.0 - beta1.powi(self.steps as i32);
         let correction2 = 1.0 - beta2.powi(self.steps as i32);
+        let coefficients = Coefficients {
+            scale: scale as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            correction1: correction1 as f32,
+            correction2: correction2 as f32,
+            eps: eps as f32,
+            lr: lr as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+        };
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.name) else { continue };
+            if slot.step_fused(g, &coefficients)? {
+                continue;
+            }
             let g = (g.to_dtype(DType::F32)? * scale)?;
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
