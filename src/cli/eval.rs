@@ -1,16 +1,13 @@
 //! `harness eval`: generate with a model (or take completions made elsewhere), grade, and
 //! write `metrics.json`, `items.jsonl` and a table.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use grape_harness::eval::{self, benchmark, sandbox, BenchmarkMetrics, ItemRecord};
-use grape_harness::generate::GenerateOptions;
+use grape_harness::eval::{self, benchmark, sandbox, Answers, BenchmarkMetrics, EvalOptions};
 use grape_harness::{model, pool};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -67,23 +64,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    if args.completions.is_some() && args.bench.len() != 1 {
-        bail!("--completions grades one benchmark; got --bench {}", args.bench.join(","));
-    }
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
     let eval_dir = args.eval_dir.clone().unwrap_or_else(benchmark::eval_dir);
     let data_dir = args.data_dir.clone().unwrap_or_else(|| pool::data_dir().join("eval"));
-    let benches = args
-        .bench
-        .iter()
-        .map(|name| {
-            let path = benchmark::spec_path(name, &eval_dir)?;
-            benchmark::Benchmark::load(&path, &data_dir)
-        })
-        .collect::<grape_harness::Result<Vec<_>>>()
-        .context("loading benchmarks")?;
+    let benches = eval::load_benchmarks(&args.bench, &eval_dir, &data_dir).context("loading benchmarks")?;
     let loaded = match &args.model {
         Some(name) => {
             let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
@@ -91,95 +74,33 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let needs_sandbox = benches.iter().any(|b| matches!(b.spec.grader, benchmark::Grader::Code { .. }));
-    let sandbox = needs_sandbox
-        .then(|| {
-            let mut config = sandbox::SandboxConfig { timeout: Duration::from_secs_f64(args.timeout), ..Default::default() };
-            if let Some(python) = &args.python {
-                config.python = python.clone();
-            }
-            if let Some(workers) = args.workers {
-                config.workers = workers.max(1);
-            }
-            sandbox::Sandbox::new(config)
-        })
-        .transpose()
-        .context("setting up the code sandbox")?;
-
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let items_path = args.out.join("items.jsonl");
-    let mut items_file = std::io::BufWriter::new(
-        std::fs::File::create(&items_path).with_context(|| format!("creating {}", items_path.display()))?,
-    );
-    let mut all_metrics = Vec::new();
-    for bench in &benches {
-        let limit = args.limit.unwrap_or(usize::MAX).min(bench.items.len());
-        let started = Instant::now();
-        let (completions, generation_seconds) = match (&loaded, &args.completions) {
-            (Some(m), _) => {
-                let decoding = &bench.spec.generation;
-                let options = GenerateOptions {
-                    max_new_tokens: args.max_new_tokens.unwrap_or(decoding.max_new_tokens),
-                    temperature: args.temperature.unwrap_or(decoding.temperature),
-                    top_p: args.top_p.unwrap_or(decoding.top_p),
-                    seed: args.seed,
-                    stop: decoding.stop.clone(),
-                    batch_size: args.batch_size,
-                };
-                let items: Vec<usize> = (0..limit).collect();
-                let bar = bar(&format!("{} generating", bench.name()), "{human_pos} tokens  {per_sec}  {elapsed}");
-                let completions = eval::generate_completions(m, bench, &items, args.samples, &options, |n| bar.inc(n as u64))?;
-                bar.finish_and_clear();
-                (completions, Some(started.elapsed().as_secs_f64()))
-            }
-            (None, Some(path)) => {
-                let mut completions = eval::read_completions(path, bench)?;
-                completions.retain(|c| c.item < limit);
-                (completions, None)
-            }
-            (None, None) => unreachable!("clap requires --model or --completions"),
-        };
-        let graded_at = Instant::now();
-        let bar = bar(&format!("{} grading", bench.name()), "{bar:30} {pos}/{len}  {per_sec}  ETA {eta}");
-        bar.set_length(completions.len() as u64);
-        let records = eval::grade(bench, &completions, sandbox.as_ref(), || bar.inc(1))?;
-        bar.finish_and_clear();
-        let metrics = eval::summarize(bench, &records, args.seed, generation_seconds, graded_at.elapsed().as_secs_f64());
-        write_records(&mut items_file, &records).with_context(|| format!("writing {}", items_path.display()))?;
-        tracing::info!(
-            "{}: {} {:.1}% over {} items",
-            bench.name(),
-            metrics.metric,
-            100.0 * metrics.score.value,
-            metrics.score.n
-        );
-        all_metrics.push(metrics);
+    let mut config = sandbox::SandboxConfig { timeout: Duration::from_secs_f64(args.timeout), ..Default::default() };
+    if let Some(python) = &args.python {
+        config.python = python.clone();
     }
-    items_file.flush().with_context(|| format!("writing {}", items_path.display()))?;
-    let metrics_path = args.out.join("metrics.json");
-    let by_name: serde_json::Map<String, serde_json::Value> = all_metrics
-        .iter()
-        .map(|m| Ok((m.benchmark.clone(), serde_json::to_value(m)?)))
-        .collect::<serde_json::Result<_>>()?;
-    std::fs::write(&metrics_path, serde_json::to_string_pretty(&by_name)? + "\n")
-        .with_context(|| format!("writing {}", metrics_path.display()))?;
-    println!("{}", table(&all_metrics));
-    println!("wrote {} and {}", metrics_path.display(), items_path.display());
-    Ok(())
-}
-
-fn bar(prefix: &str, template: &str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template(&format!("{{prefix}} {template}")).expect("static template"));
-    bar.set_prefix(prefix.to_string());
-    bar
-}
-
-fn write_records(out: &mut impl Write, records: &[ItemRecord]) -> anyhow::Result<()> {
-    for r in records {
-        serde_json::to_writer(&mut *out, r)?;
-        out.write_all(b"\n")?;
+    if let Some(workers) = args.workers {
+        config.workers = workers.max(1);
     }
+    let sandbox = eval::sandbox_for(&benches, config).context("setting up the code sandbox")?;
+    let answers = match (&loaded, &args.completions) {
+        (Some(m), _) => Answers::Model(m),
+        (None, Some(path)) => Answers::File(path),
+        (None, None) => unreachable!("clap requires --model or --completions"),
+    };
+    let options = EvalOptions {
+        limit: args.limit,
+        samples: args.samples,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_new_tokens: args.max_new_tokens,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        progress: true,
+    };
+    let metrics = eval::evaluate(answers, &benches, sandbox.as_ref(), &options, &args.out)
+        .with_context(|| format!("evaluating into {}", args.out.display()))?;
+    println!("{}", table(&metrics));
+    println!("wrote {} and {}", args.out.join("metrics.json").display(), args.out.join("items.jsonl").display());
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! pass@k, accuracy and their 95% bootstrap intervals over items.
 
 use crate::util::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Unbiased pass@k of one item from `n` samples of which `correct` passed (Chen et al.,
 /// 2021): 1 − C(n−c, k) / C(n, k), computed as a product so it never overflows.
@@ -15,7 +15,7 @@ pub fn pass_at_k(n: usize, correct: usize, k: usize) -> f64 {
     1.0 - ((n - correct + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
     /// In [0, 1].
     pub value: f64,

@@ -12,7 +12,7 @@ use crate::generate::Finish;
 use crate::{Error, Result};
 use benchmark::{Benchmark, Reference};
 use metrics::Estimate;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -52,7 +52,7 @@ pub struct ItemRecord {
 }
 
 /// One benchmark's line of `metrics.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchmarkMetrics {
     pub benchmark: String,
     /// `pass@1` for code, `accuracy` for math.
@@ -273,4 +273,134 @@ pub fn generate_completions(
             new_tokens: Some(g.new_tokens),
         })
         .collect())
+}
+
+/// Where completions come from.
+pub enum Answers<'a> {
+    /// Generated here with the benchmark's decoding settings (overridable in [`EvalOptions`]).
+    Model(&'a crate::model::LoadedModel),
+    /// A completions file made elsewhere (one benchmark only).
+    File(&'a std::path::Path),
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Only the first N items of each benchmark.
+    pub limit: Option<usize>,
+    /// Completions per item (pass@k for k up to this).
+    pub samples: usize,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    pub batch_size: usize,
+    /// Seeds sampling and the bootstrap intervals.
+    pub seed: u64,
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            samples: 1,
+            temperature: None,
+            top_p: None,
+            max_new_tokens: None,
+            batch_size: 16,
+            seed: 0,
+            progress: false,
+        }
+    }
+}
+
+/// Benchmarks by name (files in `eval_dir`) or path, their data read from `data_dir`.
+pub fn load_benchmarks(names: &[String], eval_dir: &std::path::Path, data_dir: &std::path::Path) -> Result<Vec<Benchmark>> {
+    names.iter().map(|name| Benchmark::load(&benchmark::spec_path(name, eval_dir)?, data_dir)).collect()
+}
+
+/// A sandbox when some benchmark runs code.
+pub fn sandbox_for(benches: &[Benchmark], config: sandbox::SandboxConfig) -> Result<Option<sandbox::Sandbox>> {
+    if !benches.iter().any(|b| matches!(b.spec.grader, benchmark::Grader::Code { .. })) {
+        return Ok(None);
+    }
+    sandbox::Sandbox::new(config).map(Some).map_err(|e| Error::Invalid(format!("code sandbox: {e}")))
+}
+
+/// Evaluates every benchmark, writing `out/items.jsonl` (every item's record) and
+/// `out/metrics.json` (per benchmark, by name); returns the metrics in benchmark order.
+pub fn evaluate(
+    answers: Answers,
+    benches: &[Benchmark],
+    sandbox: Option<&sandbox::Sandbox>,
+    options: &EvalOptions,
+    out: &std::path::Path,
+) -> Result<Vec<BenchmarkMetrics>> {
+    use std::io::Write;
+    if options.samples == 0 {
+        return Err(Error::Invalid("samples must be at least 1".into()));
+    }
+    if matches!(answers, Answers::File(_)) && benches.len() != 1 {
+        return Err(Error::Invalid(format!("a completions file grades one benchmark, not {}", benches.len())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let items_path = out.join("items.jsonl");
+    let file = std::fs::File::create(&items_path).map_err(|e| Error::io(&items_path, e))?;
+    let mut items_file = std::io::BufWriter::new(file);
+    let mut all = Vec::with_capacity(benches.len());
+    for bench in benches {
+        let limit = options.limit.unwrap_or(usize::MAX).min(bench.items.len());
+        let started = Instant::now();
+        let (completions, generation_seconds) = match answers {
+            Answers::Model(model) => {
+                let decoding = &bench.spec.generation;
+                let generate = crate::generate::GenerateOptions {
+                    max_new_tokens: options.max_new_tokens.unwrap_or(decoding.max_new_tokens),
+                    temperature: options.temperature.unwrap_or(decoding.temperature),
+                    top_p: options.top_p.unwrap_or(decoding.top_p),
+                    seed: options.seed,
+                    stop: decoding.stop.clone(),
+                    batch_size: options.batch_size,
+                };
+                let items: Vec<usize> = (0..limit).collect();
+                let bar = bar(options.progress, &format!("{} generating", bench.name()), "{human_pos} tokens  {per_sec}  {elapsed}");
+                let completions = generate_completions(model, bench, &items, options.samples, &generate, |n| bar.inc(n as u64))?;
+                bar.finish_and_clear();
+                (completions, Some(started.elapsed().as_secs_f64()))
+            }
+            Answers::File(path) => {
+                let mut completions = read_completions(path, bench)?;
+                completions.retain(|c| c.item < limit);
+                (completions, None)
+            }
+        };
+        let graded_at = Instant::now();
+        let bar = bar(options.progress, &format!("{} grading", bench.name()), "{bar:30} {pos}/{len}  {per_sec}  ETA {eta}");
+        bar.set_length(completions.len() as u64);
+        let records = grade(bench, &completions, sandbox, || bar.inc(1))?;
+        bar.finish_and_clear();
+        let metrics = summarize(bench, &records, options.seed, generation_seconds, graded_at.elapsed().as_secs_f64());
+        for r in &records {
+            serde_json::to_writer(&mut items_file, r).expect("plain data serialises");
+            items_file.write_all(b"\n").map_err(|e| Error::io(&items_path, e))?;
+        }
+        tracing::info!("{}: {} {:.1}% over {} items", bench.name(), metrics.metric, 100.0 * metrics.score.value, metrics.score.n);
+        all.push(metrics);
+    }
+    items_file.flush().map_err(|e| Error::io(&items_path, e))?;
+    let by_name: serde_json::Map<String, serde_json::Value> =
+        all.iter().map(|m| (m.benchmark.clone(), serde_json::to_value(m).expect("plain data serialises"))).collect();
+    let metrics_path = out.join("metrics.json");
+    let json = serde_json::to_string_pretty(&by_name).expect("plain data serialises") + "\n";
+    std::fs::write(&metrics_path, json).map_err(|e| Error::io(&metrics_path, e))?;
+    Ok(all)
+}
+
+fn bar(visible: bool, prefix: &str, template: &str) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template(&format!("{{prefix}} {template}")).expect("static template"));
+    bar.set_prefix(prefix.to_string());
+    bar
 }
