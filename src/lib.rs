@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod generate;
 pub mod model;
 pub mod pool;

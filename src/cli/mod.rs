@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod model;
 mod pool;
+mod run;
 mod score;
 mod train;
 
@@ -21,6 +22,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run an experiment file: pool -> score -> select -> train -> eval -> report, resumable.
+    Run(run::RunArgs),
+    /// The results table of an experiment's finished stages (computes nothing).
+    Report(run::ReportArgs),
     /// Fetch, inspect and tokenize with models.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -42,6 +47,8 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Report(args) => run::report(args),
         Command::Model(cmd) => model::run(cmd),
         Command::Score(args) => score::run_score(args),
         Command::Select(args) => score::run_select(args),

@@ -152,6 +152,14 @@ pub fn inspect(name_or_path: &str, template: Option<&str>) -> Result<LoadedModel
     read(name_or_path, template, false)
 }
 
+/// [`inspect`] plus the digest of the weight files, so that [`LoadedModel::fingerprint`]
+/// works without loading them (an experiment's dry run).
+pub fn inspect_fingerprinted(name_or_path: &str, template: Option<&str>) -> Result<LoadedModel> {
+    let mut model = read(name_or_path, template, false)?;
+    model.weights_sha256 = Some(weights_digest(&model.files)?);
+    Ok(model)
+}
+
 fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -> Result<LoadedModel> {
     let files = pull::resolve(name_or_path)?;
     let weights_path = files.weights.clone();

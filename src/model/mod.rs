@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use layers::{KvCache, Mode};
 use layers::at_least_f32;
-pub use loader::{inspect, load, load_trainable, EncodedPair, LoadOptions, LoadedModel, ModelFormat};
+pub use loader::{inspect, inspect_fingerprinted, load, load_trainable, EncodedPair, LoadOptions, LoadedModel, ModelFormat};
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};

@@ -235,7 +235,7 @@ fn same_tokenizer_family(target: &LoadedModel, reference: &LoadedModel, target_n
 
 /// Prompt tokens of the pool, each prompt once: the scorer runs a prompt once for all of its
 /// candidates, so this plus the response tokens is the whole forward work of one pass.
-fn prompt_tokens(model: &LoadedModel, pool: &Pool) -> Result<usize> {
+pub fn prompt_tokens(model: &LoadedModel, pool: &Pool) -> Result<usize> {
     let mut total = 0;
     for ins in &pool.instructions {
         let Some(first) = ins.candidates.first() else { continue };

@@ -1,0 +1,307 @@
+//! Experiment files: YAML naming the target models, the pool, the selectors, the training and
+//! evaluation settings and the seed, with an optional sweep. Unknown keys, wrong types and
+//! unknown selectors or benchmarks are errors naming the file, the line and the key.
+
+use crate::pool::Columns;
+use crate::select::Params;
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Names the folder under the runs directory.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// The paper's table this setting reproduces (`table1`, `table2`), for `--paper`.
+    #[serde(default)]
+    pub paper: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+    pub targets: Vec<Target>,
+    pub pool: PoolSpec,
+    #[serde(default)]
+    pub scoring: ScoringSpec,
+    pub selectors: Vec<SelectorSpec>,
+    #[serde(default)]
+    pub training: TrainConfig,
+    pub evaluation: EvalSpec,
+    /// Key path -> values; see [`Experiment::expand`].
+    #[serde(default)]
+    pub sweep: BTreeMap<String, Vec<Value>>,
+}
+
+/// A base model to fine-tune.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// The row label in tables, as the paper writes it (`Llama3.1-8B`).
+    pub name: String,
+    /// A built-in name, a `.gguf` file or a Hugging Face folder; a relative path not found
+    /// from the working directory is looked up in `HARNESS_MODELS_DIR`.
+    pub model: String,
+    /// Where the weights come from, for machines that can download them (informational).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// JSON Lines (gzip allowed) or Parquet; relative paths are looked up from the
+    /// working directory, then in `HARNESS_DATA_DIR/pools`.
+    pub path: String,
+    /// How the pool is built or fetched, for machines that can (informational).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub columns: Columns,
+    /// The first N instructions only.
+    #[serde(default)]
+    pub limit_instructions: Option<usize>,
+    /// A malformed row is an error rather than skipped.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringSpec {
+    pub max_len: usize,
+    pub batch_tokens: usize,
+    pub share_prefix: bool,
+    /// `truncate` or `skip` pairs longer than `max_len`.
+    pub overflow: String,
+}
+
+impl Default for ScoringSpec {
+    fn default() -> Self {
+        let d = crate::score::ScoreOptions::default();
+        Self { max_len: d.max_len, batch_tokens: d.batch_tokens, share_prefix: d.share_prefix, overflow: "truncate".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorSpec {
+    /// A registered selector.
+    pub name: String,
+    /// The row label in tables (`GRAPE`, `3x Data`); default: the name.
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, Value>,
+}
+
+impl SelectorSpec {
+    pub fn label(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Parameters as the selector registry takes them (`key=value` strings).
+    pub fn params(&self) -> Params {
+        self.params.iter().map(|(k, v)| (k.clone(), scalar_text(v))).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Registered benchmark names (files in `eval/`).
+    pub benchmarks: Vec<String>,
+    /// The first N items of each benchmark.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Overrides each benchmark's own budget.
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    #[serde(default = "sixteen")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub samples: usize,
+    /// Seconds each generated program may run.
+    #[serde(default = "three")]
+    pub timeout: f64,
+    /// Also evaluate each target before fine-tuning (the table's first row).
+    #[serde(default = "yes")]
+    pub base: bool,
+}
+
+fn sixteen() -> usize {
+    16
+}
+fn one() -> usize {
+    1
+}
+fn three() -> f64 {
+    3.0
+}
+fn yes() -> bool {
+    true
+}
+
+/// One run of an expanded experiment: the settings, and how it differs from the file.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// Empty for the experiment as written; else `key=value` per swept key.
+    pub label: String,
+    pub experiment: Experiment,
+}
+
+impl Experiment {
+    /// Reads and checks an experiment file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let experiment: Experiment =
+            serde_yaml::from_str(&text).map_err(|e| Error::format(path, yaml_error(&e)))?;
+        experiment.check(path, &text)?;
+        for variant in experiment.expand().map_err(|e| Error::format(path, e))? {
+            variant.experiment.check(path, &text)?;
+        }
+        Ok(experiment)
+    }
+
+    /// Names that must resolve: selectors and their parameters, benchmarks, sources.
+    fn check(&self, path: &Path, text: &str) -> Result<()> {
+        let at = |needle: &str, what: String| Error::format(path, format!("{}{what}", line_of(text, needle)));
+        if self.targets.is_empty() {
+            return Err(at("targets:", "`targets`: expected at least one model".into()));
+        }
+        if self.selectors.is_empty() {
+            return Err(at("selectors:", "`selectors`: expected at least one selector".into()));
+        }
+        let mut labels = std::collections::HashSet::new();
+        for s in &self.selectors {
+            crate::select::build(&s.name, &s.params()).map_err(|e| at(&s.name, format!("selector `{}`: {e}", s.name)))?;
+            if !labels.insert(s.label()) {
+                return Err(at(s.label(), format!("two selectors are labelled `{}`; give each a `label`", s.label())));
+            }
+        }
+        let eval_dir = crate::eval::benchmark::eval_dir();
+        for b in &self.evaluation.benchmarks {
+            crate::eval::benchmark::spec_path(b, &eval_dir).map_err(|e| at(b, format!("evaluation.benchmarks: {e}")))?;
+        }
+        if !["truncate", "skip"].contains(&self.scoring.overflow.as_str()) {
+            return Err(at("overflow", format!("scoring.overflow `{}`: expected truncate or skip", self.scoring.overflow)));
+        }
+        Ok(())
+    }
+
+    /// The runs a sweep asks for. Keys are dotted paths into the file (`seed`,
+    /// `training.lr`, `scoring.max_len`); `selectors.NAME.PARAM` (NAME a selector's label or
+    /// name) instead turns that selector into one selector per value, labelled
+    /// `NAME PARAM=value`, inside every run. Other keys multiply runs: every combination.
+    pub fn expand(&self) -> std::result::Result<Vec<Variant>, String> {
+        let mut base = self.clone();
+        base.sweep.clear();
+        let mut run_axes: Vec<(&String, &Vec<Value>)> = Vec::new();
+        for (key, values) in &self.sweep {
+            if values.is_empty() {
+                return Err(format!("sweep `{key}`: expected at least one value"));
+            }
+            match key.strip_prefix("selectors.") {
+                Some(rest) => {
+                    let (name, param) = rest
+                        .split_once('.')
+                        .ok_or_else(|| format!("sweep `{key}`: expected selectors.NAME.PARAM"))?;
+                    let at = base
+                        .selectors
+                        .iter()
+                        .position(|s| s.label() == name || s.name == name)
+                        .ok_or_else(|| format!("sweep `{key}`: no selector `{name}`"))?;
+                    let original = base.selectors.remove(at);
+                    for (i, value) in values.iter().enumerate() {
+                        let mut s = original.clone();
+                        s.params.insert(param.to_string(), value.clone());
+                        s.label = Some(format!("{} {param}={}", original.label(), scalar_text(value)));
+                        base.selectors.insert(at + i, s);
+                    }
+                }
+                None => run_axes.push((key, values)),
+            }
+        }
+        let mut variants = vec![Variant { label: String::new(), experiment: base }];
+        for (key, values) in run_axes {
+            let mut next = Vec::new();
+            for variant in &variants {
+                for value in values {
+                    let mut tree = serde_yaml::to_value(&variant.experiment).map_err(|e| e.to_string())?;
+                    set_path(&mut tree, key, value.clone())?;
+                    let experiment: Experiment =
+                        serde_yaml::from_value(tree).map_err(|e| format!("sweep `{key}`: {}", yaml_error(&e)))?;
+                    let part = format!("{key}={}", scalar_text(value));
+                    let label = if variant.label.is_empty() { part } else { format!("{} {part}", variant.label) };
+                    next.push(Variant { label, experiment });
+                }
+            }
+            variants = next;
+        }
+        Ok(variants)
+    }
+}
+
+/// Sets `path` (dotted) inside a YAML mapping; every key on the way must exist.
+fn set_path(tree: &mut Value, path: &str, value: Value) -> std::result::Result<(), String> {
+    let mut node = tree;
+    let keys: Vec<&str> = path.split('.').collect();
+    for (i, key) in keys.iter().enumerate() {
+        let map = node.as_mapping_mut().ok_or_else(|| format!("sweep `{path}`: `{}` is not a section", keys[..i].join(".")))?;
+        let k = Value::String(key.to_string());
+        if i + 1 == keys.len() {
+            if !map.contains_key(&k) {
+                return Err(format!("sweep `{path}`: unknown key `{key}`"));
+            }
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.get_mut(&k).ok_or_else(|| format!("sweep `{path}`: unknown key `{key}`"))?;
+    }
+    Ok(())
+}
+
+/// A YAML scalar as a selector parameter: `3`, `0.05`, `true`, `sum`.
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+    }
+}
+
+/// serde_yaml's message with its position first, as the rest of the harness writes it.
+fn yaml_error(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    match e.location() {
+        Some(at) => {
+            let bare = message.split(" at line ").next().unwrap_or(&message);
+            format!("line {} column {}: {bare}", at.line(), at.column())
+        }
+        None => message,
+    }
+}
+
+/// "line N: " for the first line containing `needle`, else nothing.
+fn line_of(text: &str, needle: &str) -> String {
+    text.lines().position(|l| l.contains(needle)).map_or(String::new(), |n| format!("line {}: ", n + 1))
+}
+
+/// A path from an experiment file: as given when it exists, else under `fallback_dir`.
+pub fn resolve(path: &str, fallback_dir: &Path) -> PathBuf {
+    let given = PathBuf::from(path);
+    if given.exists() || given.is_absolute() {
+        return given;
+    }
+    let fallback = fallback_dir.join(path);
+    if fallback.exists() {
+        fallback
+    } else {
+        given
+    }
+}

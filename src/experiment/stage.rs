@@ -1,0 +1,84 @@
+//! Stage folders: `runs/<experiment>/<stage>/<key>/`, where the key is a hash of everything the
+//! stage's output depends on. A stage works inside its folder (so a killed one resumes where
+//! its own code can) and is finished when its `DONE` file exists, written last and atomically:
+//! a finished stage is never redone, and changing one input reruns only what depends on it.
+
+use crate::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const DONE: &str = "DONE";
+const INPUTS: &str = "inputs.json";
+/// Every stage each invocation reused or computed, one JSON line each, under the experiment.
+pub const EVENTS: &str = "stages.jsonl";
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub kind: &'static str,
+    /// sha256 of the stage's inputs; the folder is named by its first 16 hex digits.
+    pub key: String,
+    pub dir: PathBuf,
+    root: PathBuf,
+}
+
+impl Stage {
+    /// The stage of `kind` for these `inputs` under the experiment folder `root`.
+    pub fn new(root: &Path, kind: &'static str, inputs: &impl Serialize) -> Self {
+        let key = Self::key_of(inputs);
+        let dir = root.join(kind).join(&key[..16]);
+        Stage { kind, key, dir, root: root.to_path_buf() }
+    }
+
+    pub fn key_of(inputs: &impl Serialize) -> String {
+        let json = serde_json::to_string(inputs).expect("plain data serialises");
+        crate::util::sha256_bytes(json.as_bytes())
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.dir.join(DONE).is_file()
+    }
+
+    /// Creates the folder and records the inputs (for people reading `runs/`).
+    pub fn start(&self, inputs: &impl Serialize) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.dir.join(INPUTS);
+        let json = serde_json::to_string_pretty(inputs).expect("plain data serialises");
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Marks the stage finished with its summary.
+    pub fn finish(&self, summary: &impl Serialize, seconds: f64) -> Result<()> {
+        let path = self.dir.join(DONE);
+        let aside = self.dir.join(".DONE.tmp");
+        let json = serde_json::to_string_pretty(summary).expect("plain data serialises");
+        std::fs::write(&aside, json).map_err(|e| Error::io(&aside, e))?;
+        std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, e))?;
+        self.log("computed", seconds)
+    }
+
+    /// The summary a finished stage recorded.
+    pub fn summary<T: DeserializeOwned>(&self) -> Result<T> {
+        let path = self.dir.join(DONE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not a {} summary: {e}", self.kind)))
+    }
+
+    /// Records that a finished stage was used as it is.
+    pub fn reused(&self) -> Result<()> {
+        self.log("reused", 0.0)
+    }
+
+    fn log(&self, action: &str, seconds: f64) -> Result<()> {
+        let path = self.root.join(EVENTS);
+        let line = serde_json::json!({
+            "stage": self.kind,
+            "key": &self.key[..16],
+            "action": action,
+            "seconds": seconds,
+        });
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        writeln!(file, "{line}").map_err(|e| Error::io(&path, e))
+    }
+}
