@@ -42,7 +42,7 @@ struct ReportOptions {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.dry_run {
         let plan = plan::plan(&args.experiment, &args.report.runs_dir)
-            .with_context(|| format!("planning {}", args.experiment.display()))?;
+            .context("planning the experiment")?;
         print!("{plan}");
         return Ok(());
     }
@@ -55,7 +55,8 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
 
 fn gather(path: &std::path::Path, options: &ReportOptions, report_only: bool) -> anyhow::Result<()> {
     let run_options = RunOptions { runs_dir: options.runs_dir.clone(), progress: true, report_only };
-    let results = experiment::run(path, &run_options).with_context(|| format!("running {}", path.display()))?;
+    let what = if report_only { "gathering the report" } else { "running the experiment" };
+    let results = experiment::run(path, &run_options).context(what)?;
     let paper = match options.paper.as_ref().or(results.paper.as_ref()) {
         Some(name) => Some(PaperTable::load(name, &report::paper::baselines_dir())?),
         None => None,

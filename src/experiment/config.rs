@@ -50,6 +50,10 @@ pub struct Target {
     pub upstream: Option<String>,
     #[serde(default)]
     pub template: Option<String>,
+    /// The smaller model of this target's family that S2L trains as its reference, unless
+    /// the selector names one (the paper: Llama-3.2-1B for Llama-3.1-8B); default the target.
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,7 +183,7 @@ impl Experiment {
         }
         let mut labels = std::collections::HashSet::new();
         for s in &self.selectors {
-            crate::select::build(&s.name, &s.params()).map_err(|e| at(&s.name, format!("selector `{}`: {e}", s.name)))?;
+            crate::select::build(&s.name, &s.params()).map_err(|e| at(&format!("name: {}", s.name), e.to_string()))?;
             if !labels.insert(s.label()) {
                 return Err(at(s.label(), format!("two selectors are labelled `{}`; give each a `label`", s.label())));
             }

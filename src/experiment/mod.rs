@@ -132,6 +132,23 @@ fn select_inputs(exp: &Experiment, spec: &config::SelectorSpec, needs: &Needs, f
     inputs
 }
 
+/// What a selector needs for this target: S2L's reference is the target's `reference`
+/// unless the selector's parameters name one.
+fn needs_for(selector: &dyn select::Selector, target: &config::Target) -> Needs {
+    match selector.needs() {
+        Needs::Trajectories(mut reference) => {
+            if reference.model.is_none() {
+                reference.model = target.reference.as_ref().map(|r| {
+                    let models_dir = model::pull::local_models_dir().unwrap_or_default();
+                    config::resolve(r, &models_dir).to_string_lossy().into_owned()
+                });
+            }
+            Needs::Trajectories(reference)
+        }
+        other => other,
+    }
+}
+
 /// The training settings a run uses: the experiment's seed offset by `training.seed`.
 fn training_config(exp: &Experiment) -> train::TrainConfig {
     let mut training = exp.training.clone();
@@ -280,7 +297,7 @@ impl<'a> Runner<'a> {
             let label = spec.label();
             let selector = select::build(&spec.name, &spec.params())?;
             let mut row = self.row(target, label, Some(&spec.name));
-            let needs = selector.needs();
+            let needs = needs_for(selector.as_ref(), target);
             let inputs = select_inputs(exp, spec, &needs, &fingerprint, &self.pool_key);
             let select_stage = Stage::new(self.root, "select", &inputs);
             if select_stage.is_done() {

@@ -89,18 +89,23 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
     let pool_key = pool.as_ref().map(super::pool_key);
     let data_dir = crate::pool::data_dir().join("eval");
     let benches = crate::eval::load_benchmarks(&exp.evaluation.benchmarks, &crate::eval::benchmark::eval_dir(), &data_dir);
-    let items: usize = match &benches {
-        Ok(b) => b.iter().map(|b| exp.evaluation.limit.unwrap_or(usize::MAX).min(b.items.len())).sum(),
+    let limit = exp.evaluation.limit.unwrap_or(usize::MAX);
+    // (items, new tokens at most) over the benchmarks, each with its own budget unless overridden.
+    let (items, new_tokens) = match &benches {
+        Ok(b) => b.iter().fold((0, 0), |(n, t), b| {
+            let items = limit.min(b.items.len());
+            let budget = exp.evaluation.max_new_tokens.unwrap_or(b.spec.generation.max_new_tokens);
+            (n + items, t + items * budget)
+        }),
         Err(e) => {
             let _ = writeln!(out, "  benchmarks: {e}");
-            0
+            (0, 0)
         }
     };
     let bench_key = benches.as_ref().ok().map(|b| super::bench_key(b)).transpose()?;
-    let max_new = exp.evaluation.max_new_tokens.unwrap_or(512);
     let _ = writeln!(
         out,
-        "  benchmarks {}: {items} items x {} sample(s), up to {max_new} new tokens each",
+        "  benchmarks {}: {items} items x {} sample(s), at most {new_tokens} new tokens per sample set",
         exp.evaluation.benchmarks.join(", "),
         exp.evaluation.samples
     );
@@ -142,7 +147,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
                 None => (format!("{kind} (inputs not here)"), false),
             }
         };
-        let eval_flops = items as f64 * exp.evaluation.samples as f64 * max_new as f64 * per_token;
+        let eval_flops = new_tokens as f64 * exp.evaluation.samples as f64 * per_token;
         if exp.evaluation.base {
             let inputs = fingerprint.as_deref().zip(bench_key.as_ref()).map(|(f, b)| super::eval_inputs(exp, f, b));
             let (line, done) = status("eval", inputs);
@@ -152,7 +157,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
         let mut scored = false;
         for spec in &exp.selectors {
             let selector = select::build(&spec.name, &spec.params())?;
-            let needs = selector.needs();
+            let needs = super::needs_for(selector.as_ref(), target);
             let mut steps = Vec::new();
             if needs == Needs::Scores {
                 let (line, done) = status("score", keys.map(|(f, p)| super::score_inputs(exp, f, p)));

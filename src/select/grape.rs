@@ -1,7 +1,7 @@
 //! `grape` and `lowest`: rank each instruction's candidates by their (normalised) score
 //! under the target model and keep the top or bottom `k`.
 
-use super::{Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
+use super::{Count, Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
 use crate::score::Score;
 use crate::{Error, Result};
 
@@ -49,7 +49,7 @@ pub struct Ranked {
     name: &'static str,
     highest: bool,
     normalize: Normalize,
-    k: usize,
+    count: Count,
 }
 
 pub fn build_highest(params: &Params) -> Result<Box<dyn Selector>> {
@@ -61,12 +61,12 @@ pub fn build_lowest(params: &Params) -> Result<Box<dyn Selector>> {
 }
 
 fn build(name: &'static str, highest: bool, params: &Params) -> Result<Box<dyn Selector>> {
-    let p = ParamReader::new(name, params, &["normalize", "k"])?;
+    let p = ParamReader::new(name, params, &["normalize", "k", "like"])?;
     Ok(Box::new(Ranked {
         name,
         highest,
         normalize: p.get("normalize", Normalize::Sum, "sum, mean or bytes")?,
-        k: p.positive("k", 1)?,
+        count: Count::read(&p, "k", 1)?,
     }))
 }
 
@@ -81,6 +81,7 @@ impl Selector for Ranked {
 
     fn select(&self, input: &SelectInput) -> Result<Selection> {
         let scores = input.scores(self.name)?;
+        self.count.check(self.name, input.pool)?;
         let mut picks = Vec::new();
         let mut flagged = Vec::new();
         for (i, (instruction, instruction_scores)) in input.pool.instructions.iter().zip(scores).enumerate() {
@@ -102,7 +103,7 @@ impl Selector for Ranked {
                 by_score.then(a.0.cmp(&b.0))
             });
             let total = ranked.len();
-            for (rank, (j, value)) in ranked.into_iter().take(self.k).enumerate() {
+            for (rank, (j, value)) in ranked.into_iter().take(self.count.of(instruction)).enumerate() {
                 picks.push(Pick {
                     instruction: i,
                     candidate: j,

@@ -4,6 +4,7 @@
 //! is adding a file and a line there. Each is deterministic for a given seed and records
 //! why it picked what it picked.
 
+mod all;
 mod grape;
 mod random;
 pub mod s2l;
@@ -90,6 +91,39 @@ impl Selection {
     }
 }
 
+/// How many responses an instruction gives: `k`, or with `like=SOURCE`, `k` times as many as
+/// that source wrote for it (at least one). The paper's GRAPE keeps, per instruction, as many
+/// responses as the original UltraInteract-SFT has.
+#[derive(Debug, Clone)]
+struct Count {
+    k: usize,
+    like: Option<String>,
+}
+
+impl Count {
+    fn read(p: &ParamReader, key: &str, default: usize) -> Result<Self> {
+        Ok(Count { k: p.positive(key, default)?, like: p.params.get("like").cloned() })
+    }
+
+    fn of(&self, instruction: &crate::pool::Instruction) -> usize {
+        match &self.like {
+            None => self.k,
+            Some(source) => self.k * instruction.candidates.iter().filter(|c| &c.source == source).count().max(1),
+        }
+    }
+
+    /// `like` must name a source of the pool.
+    fn check(&self, selector: &str, pool: &Pool) -> Result<()> {
+        match &self.like {
+            Some(source) if !pool.sources().contains(source) => Err(Error::Invalid(format!(
+                "selector `{selector}`: like={source}: no such source in the pool (sources: {})",
+                pool.sources().join(", ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `key=value` parameters from the command line or an experiment file.
 pub type Params = BTreeMap<String, String>;
 
@@ -103,6 +137,7 @@ pub const REGISTRY: &[(&str, &str, Build)] = &[
     ("strongest", "only the responses of one named source model", strongest::build),
     ("upscale", "`factor` (default 3) times as many random responses per instruction", random::build_upscale),
     ("s2l", "k-means over a reference model's loss trajectories, sampled evenly from the clusters", s2l::build),
+    ("all", "every response of every instruction (the paper's \"All Responses\")", all::build),
 ];
 
 pub fn build(name: &str, params: &Params) -> Result<Box<dyn Selector>> {

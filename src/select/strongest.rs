@@ -2,17 +2,20 @@
 //! "Llama3.1-405B only"). Instructions that model did not answer are dropped or filled
 //! with a random response, by `fill`.
 
-use super::{ParamReader, Params, Pick, SelectInput, Selection, Selector};
+use super::{Count, ParamReader, Params, Pick, SelectInput, Selection, Selector};
 use crate::util::Rng;
 use crate::{Error, Result};
 
 pub struct Strongest {
     source: String,
     fill_random: bool,
+    /// The source's responses kept per instruction (`None`: all of them, as the paper's
+    /// "Original-UI" keeps).
+    count: Option<Count>,
 }
 
 pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
-    let p = ParamReader::new("strongest", params, &["source", "fill"])?;
+    let p = ParamReader::new("strongest", params, &["source", "fill", "k", "like"])?;
     let source: String = p.get("source", String::new(), "a source model name")?;
     if source.is_empty() {
         return Err(Error::Invalid("selector `strongest`: parameter `source` is required".into()));
@@ -22,7 +25,11 @@ pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
         "random" => true,
         other => return Err(Error::Invalid(format!("selector `strongest`: `fill={other}`: expected drop or random"))),
     };
-    Ok(Box::new(Strongest { source, fill_random }))
+    let count = match params.get("k").map(String::as_str) {
+        Some("all") => None,
+        _ => Some(Count::read(&p, "k", 1)?),
+    };
+    Ok(Box::new(Strongest { source, fill_random, count }))
 }
 
 impl Selector for Strongest {
@@ -39,13 +46,26 @@ impl Selector for Strongest {
                 sources.join(", ")
             )));
         }
+        if let Some(count) = &self.count {
+            count.check("strongest", input.pool)?;
+        }
         let mut rng = Rng::new(input.seed);
         let mut picks = Vec::new();
         let mut flagged = Vec::new();
         for (i, instruction) in input.pool.instructions.iter().enumerate() {
             let score = |j: usize| input.scores.and_then(|s| s.get(i)?.get(j)?.as_ref()).map(|s| s.sum_logprob);
-            match instruction.candidates.iter().position(|c| c.source == self.source) {
-                Some(j) => picks.push(Pick { instruction: i, candidate: j, score: score(j), cluster: None, why: format!("written by {}", self.source) }),
+            let own: Vec<usize> = (0..instruction.candidates.len())
+                .filter(|&j| instruction.candidates[j].source == self.source)
+                .take(self.count.as_ref().map_or(usize::MAX, |c| c.of(instruction)))
+                .collect();
+            match own.first() {
+                Some(_) => picks.extend(own.into_iter().map(|j| Pick {
+                    instruction: i,
+                    candidate: j,
+                    score: score(j),
+                    cluster: None,
+                    why: format!("written by {}", self.source),
+                })),
                 None if self.fill_random => {
                     let j = rng.below(instruction.candidates.len());
                     flagged.push(format!("instruction `{}`: no {} response, filled at random", instruction.id, self.source));

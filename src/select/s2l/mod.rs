@@ -61,6 +61,7 @@ pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
         "lr",
         "max_len",
         "micro_batch_tokens",
+        "grad_accum",
     ];
     let p = ParamReader::new("s2l", params, &known)?;
     let defaults = ReferenceConfig::default();
@@ -72,6 +73,7 @@ pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
         lr: p.get("lr", defaults.lr, "a learning rate")?,
         max_len: p.positive("max_len", defaults.max_len)?,
         micro_batch_tokens: p.positive("micro_batch_tokens", defaults.micro_batch_tokens)?,
+        grad_accum: p.positive("grad_accum", defaults.grad_accum)?,
     };
     let budget = match params.get("budget") {
         None => None,

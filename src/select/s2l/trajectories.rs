@@ -31,6 +31,8 @@ pub struct ReferenceConfig {
     pub lr: f64,
     pub max_len: usize,
     pub micro_batch_tokens: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
 }
 
 /// The paper's S2L settings: 5% of the data, 4 epochs, peak learning rate 2e-5.
@@ -44,6 +46,7 @@ impl Default for ReferenceConfig {
             lr: 2e-5,
             max_len: TrainConfig::default().max_len,
             micro_batch_tokens: TrainConfig::default().micro_batch_tokens,
+            grad_accum: 1,
         }
     }
 }
@@ -119,12 +122,13 @@ pub fn compute(
             .map_err(|e| Error::Invalid(format!("S2L reference data, instruction `{}` candidate {j}: {e}", ins.id)))?;
     }
     let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
-    let total_steps = per_epoch * config.epochs;
+    let total_steps = per_epoch.div_ceil(config.grad_accum) * config.epochs;
     let every = total_steps.div_ceil(config.checkpoints).max(1);
     let train_config = TrainConfig {
         lr: config.lr,
         epochs: config.epochs,
         micro_batch_tokens: config.micro_batch_tokens,
+        grad_accum: config.grad_accum,
         max_len: config.max_len,
         seed,
         save_every: Some(every),

@@ -1,0 +1,271 @@
+//! `harness run` end to end on stories260K and a tiny pool: every selector, training and the
+//! four benchmarks; the cache (a rerun computes nothing); a run killed during training resumes
+//! to the same table; the paper's experiment files pass a dry run; config errors are named.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+fn harness(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harness")).args(args).env("HARNESS_CACHE_DIR", cache).output().unwrap()
+}
+
+fn succeeded(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+fn have_stories() -> bool {
+    let stories = Path::new("../shared/models/stories260K.gguf");
+    let data = Path::new("../shared/data/eval/HumanEval.jsonl.gz");
+    if !stories.exists() || !data.exists() {
+        eprintln!("skipped: {} or {} is not here", stories.display(), data.display());
+        return false;
+    }
+    true
+}
+
+/// 6 story-like instructions with 3 candidates each, in `dir`.
+fn write_pool(dir: &Path) -> PathBuf {
+    let prompts = ["Tell me about a cat.", "Who is Lily?", "Say hi.", "What did Tom find?", "Where is the ball?", "Why was Sue sad?"];
+    let responses = [
+        "The cat sat on the mat and was happy.",
+        "Lily is a little girl who likes to play in the park.",
+        "Once upon a time there was a big tree.",
+        "He found a shiny red ball under the bed.",
+        "It is in the garden next to the dog.",
+        "She lost her toy and cried.",
+        "The sun was warm and the birds sang.",
+    ];
+    let mut text = String::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for (j, source) in ["alpha", "beta", "gamma"].iter().enumerate() {
+            let response = responses[(i + j * 3) % responses.len()];
+            let row = serde_json::json!({"instruction_id": i, "prompt": prompt, "response": response, "source": source});
+            text += &format!("{row}\n");
+        }
+    }
+    let path = dir.join("pool.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A tiny experiment; more `epochs` make a training run long enough to be caught mid-way.
+fn write_experiment(dir: &Path, epochs: usize) -> PathBuf {
+    let pool = write_pool(dir);
+    let yaml = format!(
+        r#"name: tiny
+seed: 3
+targets:
+  - {{name: stories260K, model: stories260k}}
+pool:
+  path: {}
+scoring: {{max_len: 128}}
+selectors:
+  - {{name: grape, label: GRAPE}}
+  - {{name: lowest}}
+  - {{name: random}}
+  - {{name: strongest, params: {{source: alpha}}}}
+  - {{name: upscale, params: {{factor: 2}}}}
+  - {{name: s2l, params: {{k: 2, subset: 0.5, epochs: 2, checkpoints: 2, lr: 0.001, max_len: 96, micro_batch_tokens: 192}}}}
+training: {{lr: 0.001, epochs: {epochs}, micro_batch_tokens: 96, max_len: 128, save_every: 1}}
+evaluation:
+  benchmarks: [humaneval, mbpp, math500, gsmplus]
+  limit: 2
+  max_new_tokens: 8
+"#,
+        pool.display()
+    );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn events(runs: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(runs.join("tiny/stages.jsonl")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The table without timings, which differ between runs.
+fn results(runs: &Path) -> Value {
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(runs.join("tiny/report/results.json")).unwrap()).unwrap();
+    for row in json["rows"].as_array_mut().unwrap() {
+        for key in ["seconds", "tokens_per_second"] {
+            if let Some(train) = row["train"].as_object_mut() {
+                train.remove(key);
+            }
+        }
+        row.as_object_mut().unwrap().remove("selection_cost");
+        row.as_object_mut().unwrap().remove("train_log");
+    }
+    json
+}
+
+#[test]
+fn tiny_experiment_runs_end_to_end_and_is_served_from_the_cache() {
+    if !have_stories() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let experiment = write_experiment(dir.path(), 1);
+    let runs = dir.path().join("runs");
+    let args = ["run", experiment.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()];
+    let started = Instant::now();
+    let table = succeeded(&harness(&args, &cache));
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    for label in ["Base", "GRAPE", "lowest", "random", "strongest", "upscale", "s2l", "Abs. Δ", "humaneval", "gsmplus"] {
+        assert!(table.contains(label), "{label} missing from\n{table}");
+    }
+    for file in ["results.md", "results.csv", "results.json", "losses-stories260K.svg"] {
+        assert!(runs.join("tiny/report").join(file).exists(), "{file}");
+    }
+    let first = results(&runs);
+    let rows = first["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7);
+    assert!(rows.iter().all(|r| r["metrics"].as_object().unwrap().len() == 4), "{first}");
+    assert_eq!(rows[5]["examples"], 12, "upscale takes 2 per instruction");
+    let computed = events(&runs).len();
+    assert!(events(&runs).iter().all(|e| e["action"] == "computed"));
+
+    // A second run computes nothing and prints the same table.
+    let again = succeeded(&harness(&args, &cache));
+    let log = events(&runs);
+    assert!(log[computed..].iter().all(|e| e["action"] == "reused"), "{log:?}");
+    assert_eq!(results(&runs), first);
+    assert_eq!(again.lines().filter(|l| l.contains('┆')).count(), table.lines().filter(|l| l.contains('┆')).count());
+
+    // The dry run sees every stage cached.
+    let plan = succeeded(&harness(&["run", experiment.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap(), "--dry-run"], &cache));
+    assert!(plan.contains("cached") && !plan.contains("to run"), "{plan}");
+}
+
+#[test]
+fn a_run_killed_during_training_resumes_to_the_same_table() {
+    if !have_stories() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let experiment = write_experiment(dir.path(), 10);
+    let (killed, whole) = (dir.path().join("killed"), dir.path().join("whole"));
+    let args = |runs: &Path| vec!["run".to_string(), experiment.display().to_string(), "--runs-dir".into(), runs.display().to_string()];
+
+    // Kill -9 once the first training run has logged a few steps.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(args(&killed))
+        .env("HARNESS_CACHE_DIR", &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let training = loop {
+        let logs: Vec<PathBuf> = std::fs::read_dir(killed.join("tiny/train"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| std::fs::read_to_string(p.join("train_log.jsonl")).is_ok_and(|t| t.lines().count() >= 3))
+            .collect();
+        if let Some(dir) = logs.into_iter().next() {
+            break dir;
+        }
+        assert!(Instant::now() < deadline, "training never started");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!training.join("DONE").exists(), "killed after training finished: make training longer");
+    let finished_before: Vec<(PathBuf, std::time::SystemTime)> = ["score", "select", "eval"]
+        .iter()
+        .flat_map(|kind| std::fs::read_dir(killed.join("tiny").join(kind)).into_iter().flatten().flatten())
+        .map(|e| e.path().join("DONE"))
+        .filter(|p| p.exists())
+        .map(|p| {
+            let modified = std::fs::metadata(&p).unwrap().modified().unwrap();
+            (p, modified)
+        })
+        .collect();
+    assert!(!finished_before.is_empty());
+
+    succeeded(&harness(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>(), &cache));
+    for (done, modified) in &finished_before {
+        assert_eq!(&std::fs::metadata(done).unwrap().modified().unwrap(), modified, "{} was redone", done.display());
+    }
+    let log = std::fs::read_to_string(training.join("train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let done: Value = serde_json::from_str(&std::fs::read_to_string(training.join("DONE")).unwrap()).unwrap();
+    assert_eq!(steps, (1..=done["steps"].as_u64().unwrap()).collect::<Vec<_>>(), "the resumed run logs every step once");
+
+    succeeded(&harness(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>(), &cache));
+    let (resumed, uninterrupted) = (results(&killed), results(&whole));
+    for (a, b) in resumed["rows"].as_array().unwrap().iter().zip(uninterrupted["rows"].as_array().unwrap()) {
+        assert_eq!(a["metrics"], b["metrics"], "{}", a["label"]);
+        assert_eq!(a["examples"], b["examples"]);
+        let loss = |r: &Value| r["train"]["final_loss"].as_f64();
+        if let (Some(x), Some(y)) = (loss(a), loss(b)) {
+            assert!((x - y).abs() < 1e-4, "{}: final loss {x} vs {y}", a["label"]);
+        }
+    }
+}
+
+#[test]
+fn paper_experiments_pass_a_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, targets) in [
+        ("experiments/ultrainteract.yaml", ["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"]),
+        ("experiments/tulu-olmo.yaml", ["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"]),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let plan = succeeded(&harness(&["run", path.to_str().unwrap(), "--dry-run", "--runs-dir", "/nonexistent"], dir.path()));
+        for target in targets {
+            assert!(plan.contains(&format!("target {target} ")), "{file}: {target} missing from\n{plan}");
+        }
+        assert!(plan.contains("GRAPE (grape)"), "{plan}");
+    }
+    // The default model cache: SmolLM2 is pulled once for every test that needs it.
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["run", quickstart.to_str().unwrap(), "--dry-run", "--runs-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    // Without a registry the SmolLM2 pull fails; the plan still lists every stage.
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && plan.contains("S2L (s2l)") && plan.contains("3x Data (upscale)"), "{plan}");
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    if !have_stories() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let experiment = write_experiment(dir.path(), 1);
+    let good = std::fs::read_to_string(&experiment).unwrap();
+    let cases = [
+        (good.replace("seed: 3", "seed: 3\nseeds: [1, 2]"), vec!["line 3", "unknown field `seeds`"]),
+        (good.replace("{name: lowest}", "{name: lowest, parms: {k: 2}}"), vec!["line", "unknown field `parms`"]),
+        (good.replace("{name: lowest}", "{name: best-of}"), vec!["line 10", "unknown selector `best-of`"]),
+        (good.replace("{name: upscale, params: {factor: 2}}", "{name: upscale, params: {factr: 2}}"), vec!["line 13", "unknown parameter `factr`"]),
+        (good.replace("math500, gsmplus", "math500, gsm-plus"), vec!["line 17", "unknown benchmark `gsm-plus`"]),
+        (good.replace("seed: 3", "seed: three"), vec!["line 2", "seed"]),
+        (good.replace("pool.jsonl", "no-such-pool.jsonl"), vec!["no-such-pool.jsonl"]),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let err = common::one_error_line(&harness(&["run", path.to_str().unwrap(), "--runs-dir", dir.path().join("runs").to_str().unwrap()], dir.path()));
+        for needle in needles {
+            assert!(err.contains(needle), "case {i}: `{needle}` missing from: {err}");
+        }
+        if i < 6 {
+            assert!(err.contains(&format!("bad{i}.yaml")), "case {i}: the file is not named: {err}");
+        }
+    }
+}
