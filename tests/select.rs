@@ -169,3 +169,28 @@ fn manifest_and_sft_files_are_written_in_messages_format() {
     assert_eq!(row["messages"][0]["role"], "user");
     assert_eq!(row["messages"][1]["content"], "r1");
 }
+
+#[test]
+fn counts_like_a_source_longest_and_all() {
+    let (pool, _) = pool_and_scores();
+    // Per instruction as many as source m0 wrote (one each here; none in "single", so one).
+    let like = run("grape", &[("like", "m0"), ("k", "2")], 0);
+    for (i, ins) in pool.instructions.iter().enumerate() {
+        assert_eq!(picks_of(&like, i).len(), ins.candidates.len().min(2), "{}", ins.id);
+    }
+    let upscale = run("upscale", &[("factor", "3"), ("like", "m0")], 1);
+    assert_eq!(picks_of(&upscale, 2).len(), 3);
+    let strongest = run("strongest", &[("source", "m1"), ("k", "all")], 0);
+    assert_eq!(picks_of(&strongest, 0), vec![1]);
+    let longest = run("longest", &[("k", "2")], 0);
+    // "differs" has r0, r1, r2 of equal length: ties go to the earlier candidates.
+    assert_eq!(picks_of(&longest, 0), vec![0, 1]);
+    assert_eq!(run("all", &[], 0).picks.len(), pool.candidate_count());
+    let params: Params = [("like".to_string(), "nobody".to_string())].into();
+    let err = select::build("random", &params)
+        .unwrap()
+        .select(&SelectInput { pool: &pool, scores: None, trajectories: None, seed: 0 })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("like=nobody") && err.contains("m0"), "{err}");
+}

@@ -31,7 +31,7 @@ impl Table {
     }
 
     pub fn markdown(&self) -> String {
-        let mut out = format!("### {}\n\n| {} |\n|{}|\n", self.title, self.header.join(" | "), "---|".repeat(self.header.len()));
+        let mut out = format!("### {}\n\n| {} |\n|{}\n", self.title, self.header.join(" | "), "---|".repeat(self.header.len()));
         for row in &self.rows {
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
@@ -218,4 +218,55 @@ pub fn write(results: &Results, dir: &Path, paper: Option<&paper::PaperTable>) -
         std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
     }
     Ok(files.into_iter().map(|(p, _)| p).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::{Cell, ResultRow};
+
+    fn row(label: &str, selector: Option<&str>, values: &[(&str, f64)]) -> ResultRow {
+        ResultRow {
+            variant: String::new(),
+            target: "Llama3.1-8B".into(),
+            label: label.into(),
+            selector: selector.map(str::to_string),
+            metrics: values.iter().map(|&(b, v)| (b.to_string(), Cell { value: v, ci95: (v - 1.0, v + 1.0), n: 10 })).collect(),
+            examples: Some(4),
+            train: None,
+            train_log: None,
+            selection_cost: None,
+        }
+    }
+
+    #[test]
+    fn average_and_abs_delta_to_grape_with_the_papers_numbers() {
+        let results = Results {
+            experiment: "t".into(),
+            paper: Some("table1".into()),
+            benchmarks: vec!["humaneval".into(), "gsmplus".into()],
+            rows: vec![
+                row("Original-UI", Some("strongest"), &[("humaneval", 50.0), ("gsmplus", 40.0)]),
+                row("GRAPE", Some("grape"), &[("humaneval", 60.0), ("gsmplus", 50.0)]),
+                row("Half", Some("random"), &[("humaneval", 10.0)]),
+            ],
+        };
+        let paper = paper::PaperTable::load("table1", &paper::baselines_dir()).unwrap();
+        let table = results_table(&results, false, Some(&paper));
+        let column = |name: &str| table.header.iter().position(|h| h == name).unwrap();
+        let (avg, delta) = (column("Avg."), column("Abs. Δ"));
+        assert_eq!(table.rows[0][avg], "45.0");
+        assert_eq!(table.rows[0][delta], "10.0", "GRAPE's average minus the row's");
+        assert_eq!(table.rows[1][delta], "");
+        assert_eq!(table.rows[2][avg], "-", "a row missing a benchmark has no average");
+        assert_eq!(table.rows[0][column("humaneval (paper)")], "54.3");
+        assert_eq!(table.rows[1][column("Avg. (paper)")], format!("{:.1}", (57.3 + 56.6) / 2.0));
+        assert_eq!(table.rows[2][column("humaneval (paper)")], "-");
+        let markdown = table.markdown();
+        assert!(markdown.lines().nth(3).unwrap().ends_with("---|") && !markdown.contains("||"), "{markdown}");
+        let csv = table.csv();
+        assert_eq!(csv.lines().count(), 4);
+        let with_ci = results_table(&results, true, None);
+        assert_eq!(with_ci.rows[1][3], "60.0 (59.0-61.0)");
+    }
 }

@@ -6,6 +6,7 @@
 
 mod all;
 mod grape;
+mod longest;
 mod random;
 pub mod s2l;
 mod strongest;
@@ -137,6 +138,7 @@ pub const REGISTRY: &[(&str, &str, Build)] = &[
     ("strongest", "only the responses of one named source model", strongest::build),
     ("upscale", "`factor` (default 3) times as many random responses per instruction", random::build_upscale),
     ("s2l", "k-means over a reference model's loss trajectories, sampled evenly from the clusters", s2l::build),
+    ("longest", "the longest k responses per instruction (Zhao et al., 2024)", longest::build),
     ("all", "every response of every instruction (the paper's \"All Responses\")", all::build),
 ];
 
