@@ -139,6 +139,11 @@ fn tiny_experiment_runs_end_to_end_and_is_served_from_the_cache() {
     assert_eq!(results(&runs), first);
     assert_eq!(again.lines().filter(|l| l.contains('┆')).count(), table.lines().filter(|l| l.contains('┆')).count());
 
+    // `harness report` gathers the same table without computing anything.
+    let report = succeeded(&harness(&["report", experiment.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()], &cache));
+    assert!(report.contains("GRAPE") && report.contains("s2l"), "{report}");
+    assert_eq!(results(&runs), first);
+
     // The dry run sees every stage cached.
     let plan = succeeded(&harness(&["run", experiment.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap(), "--dry-run"], &cache));
     assert!(plan.contains("cached") && !plan.contains("to run"), "{plan}");

@@ -289,7 +289,7 @@ impl<'a> Runner<'a> {
         let mut rows = Vec::new();
         if exp.evaluation.base {
             let mut row = self.row(target, "Base", None);
-            row.metrics = self.eval_stage(&fingerprint, || Ok(None), Some(&base))?;
+            row.metrics = self.eval_stage(&fingerprint, Evaluated::Loaded(&base))?;
             rows.push(row);
         }
         let mut scores: Option<(Stage, Vec<Vec<Option<Score>>>)> = None;
@@ -300,15 +300,8 @@ impl<'a> Runner<'a> {
             let needs = needs_for(selector.as_ref(), target);
             let inputs = select_inputs(exp, spec, &needs, &fingerprint, &self.pool_key);
             let select_stage = Stage::new(self.root, "select", &inputs);
-            if select_stage.is_done() {
-                select_stage.reused()?;
-            } else if self.options.report_only {
-                rows.push(row);
-                continue;
-            } else {
+            let summary = select_stage.ensure(&inputs, self.options.report_only, || {
                 tracing::info!("[{} / {label}] selecting", target.name);
-                let started = Instant::now();
-                select_stage.start(&inputs)?;
                 if needs == Needs::Scores && scores.is_none() {
                     scores = Some(self.score_stage(&base, &fingerprint)?);
                 }
@@ -341,10 +334,12 @@ impl<'a> Runner<'a> {
                     }),
                     _ => None,
                 };
-                let summary = SelectSummary { picks: selection.picks.len(), flagged: selection.flagged.len(), cost };
-                select_stage.finish(&summary, started.elapsed().as_secs_f64())?;
-            }
-            let summary: SelectSummary = select_stage.summary()?;
+                Ok(SelectSummary { picks: selection.picks.len(), flagged: selection.flagged.len(), cost })
+            })?;
+            let Some(summary) = summary else {
+                rows.push(row);
+                continue;
+            };
             row.examples = Some(summary.picks);
             row.selection_cost = summary.cost;
 
@@ -352,33 +347,24 @@ impl<'a> Runner<'a> {
             let train_inputs = train_inputs(exp, &fingerprint, &select_stage.key);
             let train_stage = Stage::new(self.root, "train", &train_inputs);
             row.train_log = Some(train_stage.dir.join("train_log.jsonl"));
-            if train_stage.is_done() {
-                train_stage.reused()?;
-            } else if self.options.report_only {
-                rows.push(row);
-                continue;
-            } else {
+            row.train = train_stage.ensure(&train_inputs, self.options.report_only, || {
                 tracing::info!("[{} / {label}] training on {} examples", target.name, summary.picks);
-                let started = Instant::now();
-                train_stage.start(&train_inputs)?;
                 let (loaded, vars) = model::load_trainable(&model_ref, &load_options)?;
                 let data = train::data::read(&select_stage.dir.join("sft.jsonl"), &loaded, training.max_len)?;
                 let trainable = Trainable { model: &loaded, vars: &vars, base_fingerprint: fingerprint.clone() };
                 let report = train::train(&trainable, &data, &training, &train_stage.dir, true, self.options.progress)?;
-                let summary = TrainSummary {
+                Ok(TrainSummary {
                     steps: report.steps,
                     first_loss: report.first_loss,
                     final_loss: report.final_loss,
                     weight_l2_distance: report.weight_l2_distance,
                     seconds: report.seconds,
                     tokens_per_second: report.tokens_per_second,
-                };
-                train_stage.finish(&summary, started.elapsed().as_secs_f64())?;
+                })
+            })?;
+            if row.train.is_some() {
+                row.metrics = self.eval_stage(&train_stage.key, Evaluated::Folder(&train_stage.dir.join("model")))?;
             }
-            row.train = Some(train_stage.summary()?);
-            let trained = train_stage.dir.join("model");
-            let load_trained = || model::load(&trained.to_string_lossy(), &LoadOptions::default()).map(Some);
-            row.metrics = self.eval_stage(&train_stage.key, load_trained, None)?;
             rows.push(row);
         }
         Ok(rows)
@@ -421,29 +407,21 @@ impl<'a> Runner<'a> {
         Ok((stage, scores))
     }
 
-    /// Benchmark results of one model: `model_key` names it (a fingerprint or a training
-    /// stage); the model itself is given, or loaded only when the stage must run.
-    fn eval_stage(
-        &self,
-        model_key: &str,
-        load: impl FnOnce() -> Result<Option<LoadedModel>>,
-        given: Option<&LoadedModel>,
-    ) -> Result<BTreeMap<String, Cell>> {
+    /// Benchmark results of one model, named by `model_key` (a fingerprint or a training
+    /// stage's key). Empty when the stage has not finished and `report_only` is set.
+    fn eval_stage(&self, model_key: &str, model: Evaluated) -> Result<BTreeMap<String, Cell>> {
         let exp = self.exp();
         let inputs = eval_inputs(exp, model_key, &self.bench_key);
         let stage = Stage::new(self.root, "eval", &inputs);
-        if stage.is_done() {
-            stage.reused()?;
-        } else if self.options.report_only {
-            return Ok(BTreeMap::new());
-        } else {
-            let started = Instant::now();
-            stage.start(&inputs)?;
-            let loaded = match given {
-                Some(_) => None,
-                None => load()?,
+        let cells = stage.ensure(&inputs, self.options.report_only, || {
+            let loaded;
+            let model = match model {
+                Evaluated::Loaded(m) => m,
+                Evaluated::Folder(path) => {
+                    loaded = model::load(&path.to_string_lossy(), &LoadOptions::default())?;
+                    &loaded
+                }
             };
-            let model = given.or(loaded.as_ref()).ok_or_else(|| Error::Invalid("no model to evaluate".into()))?;
             let options = EvalOptions {
                 limit: exp.evaluation.limit,
                 samples: exp.evaluation.samples,
@@ -454,11 +432,17 @@ impl<'a> Runner<'a> {
                 ..EvalOptions::default()
             };
             let metrics = eval::evaluate(Answers::Model(model), &self.benches, self.sandbox.as_ref(), &options, &stage.dir)?;
-            let cells: BTreeMap<String, Cell> = metrics.iter().map(|m| (m.benchmark.clone(), cell(m))).collect();
-            stage.finish(&cells, started.elapsed().as_secs_f64())?;
-        }
-        stage.summary()
+            Ok(metrics.iter().map(|m| (m.benchmark.clone(), cell(m))).collect())
+        })?;
+        Ok(cells.unwrap_or_default())
     }
+}
+
+/// The model an eval stage grades: in memory already, or an exported folder loaded only when
+/// the stage has to run.
+enum Evaluated<'a> {
+    Loaded(&'a LoadedModel),
+    Folder(&'a Path),
 }
 
 fn cell(m: &BenchmarkMetrics) -> Cell {

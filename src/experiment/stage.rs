@@ -65,6 +65,28 @@ impl Stage {
         serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not a {} summary: {e}", self.kind)))
     }
 
+    /// A finished stage's summary (logged as reused); else, unless `report_only`, `compute`
+    /// run in the stage's folder and its summary recorded. `None`: not finished, not computed.
+    pub fn ensure<T: Serialize + DeserializeOwned>(
+        &self,
+        inputs: &impl Serialize,
+        report_only: bool,
+        compute: impl FnOnce() -> Result<T>,
+    ) -> Result<Option<T>> {
+        if self.is_done() {
+            self.reused()?;
+            return self.summary().map(Some);
+        }
+        if report_only {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        self.start(inputs)?;
+        let summary = compute()?;
+        self.finish(&summary, started.elapsed().as_secs_f64())?;
+        Ok(Some(summary))
+    }
+
     /// Records that a finished stage was used as it is.
     pub fn reused(&self) -> Result<()> {
         self.log("reused", 0.0)
