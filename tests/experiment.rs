@@ -260,7 +260,8 @@ fn config_errors_name_file_line_and_key() {
         (good.replace("{name: upscale, params: {factor: 2}}", "{name: upscale, params: {factr: 2}}"), vec!["line 13", "unknown parameter `factr`"]),
         (good.replace("math500, gsmplus", "math500, gsm-plus"), vec!["line 17", "unknown benchmark `gsm-plus`"]),
         (good.replace("seed: 3", "seed: three"), vec!["line 2", "seed"]),
-        (good.replace("pool.jsonl", "no-such-pool.jsonl"), vec!["no-such-pool.jsonl"]),
+        (good.replace("pool.jsonl", "no-such-pool.jsonl"), vec!["line 6", "pool.path", "no-such-pool.jsonl"]),
+        (good.replace("model: stories260k", "model: no-such-model"), vec!["line 4", "targets.model", "no-such-model"]),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.yaml"));
@@ -269,8 +270,6 @@ fn config_errors_name_file_line_and_key() {
         for needle in needles {
             assert!(err.contains(needle), "case {i}: `{needle}` missing from: {err}");
         }
-        if i < 6 {
-            assert!(err.contains(&format!("bad{i}.yaml")), "case {i}: the file is not named: {err}");
-        }
+        assert!(err.contains(&format!("bad{i}.yaml")), "case {i}: the file is not named: {err}");
     }
 }

@@ -172,6 +172,43 @@ impl Experiment {
         Ok(experiment)
     }
 
+    /// What a run reads from disk must be there: each run's pool file, and target models given
+    /// as paths. (A dry run only reports them missing.) Errors name the file, line and key.
+    pub fn check_inputs(&self, path: &Path, data_dir: &Path, models_dir: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let variants = self.expand().map_err(|e| Error::format(path, e))?;
+        for exp in variants.iter().map(|v| &v.experiment) {
+            if !resolve(&exp.pool.path, data_dir).exists() {
+                let how = exp.pool.upstream.as_deref().map_or(String::new(), |u| format!("; build or fetch it: {u}"));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{}pool.path: `{}` is neither a file nor in {}{how}",
+                        line_of(&text, &exp.pool.path),
+                        exp.pool.path,
+                        data_dir.display()
+                    ),
+                ));
+            }
+            for t in &exp.targets {
+                let builtin = crate::model::pull::find_builtin(&t.model).is_some();
+                if !builtin && !resolve(&t.model, models_dir).exists() {
+                    let from = t.upstream.as_deref().map_or(String::new(), |u| format!("; download it from {u}"));
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "{}targets.model: `{}` is not a built-in model, a file or a folder here or in {}{from}",
+                            line_of(&text, &format!("model: {}", t.model)),
+                            t.model,
+                            models_dir.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Names that must resolve: selectors and their parameters, benchmarks, sources.
     fn check(&self, path: &Path, text: &str) -> Result<()> {
         let at = |needle: &str, what: String| Error::format(path, format!("{}{what}", line_of(text, needle)));
@@ -307,5 +344,50 @@ pub fn resolve(path: &str, fallback_dir: &Path) -> PathBuf {
         fallback
     } else {
         given
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+name: sweep
+targets: [{name: T, model: stories260k}]
+pool: {path: pool.jsonl}
+selectors:
+  - {name: grape, label: GRAPE}
+  - {name: random}
+evaluation: {benchmarks: [math500]}
+sweep:
+  selectors.GRAPE.normalize: [sum, mean, bytes]
+  seed: [0, 1]
+  training.lr: [1.0e-5, 2.0e-5]
+"#;
+
+    #[test]
+    fn sweeps_expand_selectors_in_place_and_runs_as_a_product() {
+        let experiment: Experiment = serde_yaml::from_str(FILE).unwrap();
+        let variants = experiment.expand().unwrap();
+        assert_eq!(variants.len(), 4, "2 seeds x 2 learning rates");
+        let labels: Vec<&str> = variants.iter().map(|v| v.label.as_str()).collect();
+        assert_eq!(labels, ["seed=0 training.lr=0.00001", "seed=0 training.lr=0.00002", "seed=1 training.lr=0.00001", "seed=1 training.lr=0.00002"]);
+        let last = &variants[3].experiment;
+        assert_eq!((last.seed, last.training.lr), (1, 2e-5));
+        let selectors: Vec<&str> = last.selectors.iter().map(SelectorSpec::label).collect();
+        assert_eq!(selectors, ["GRAPE normalize=sum", "GRAPE normalize=mean", "GRAPE normalize=bytes", "random"]);
+        assert_eq!(last.selectors[1].params()["normalize"], "mean");
+        assert!(last.sweep.is_empty());
+
+        for (key, needle) in [
+            ("selectors.BEST.k", "no selector `BEST`"),
+            ("training.nope", "unknown key `nope`"),
+            ("selectors.GRAPE", "expected selectors.NAME.PARAM"),
+        ] {
+            let mut bad = experiment.clone();
+            bad.sweep = [(key.to_string(), vec![Value::from(1)])].into();
+            let err = bad.expand().unwrap_err();
+            assert!(err.contains(needle), "{key}: {err}");
+        }
     }
 }

@@ -96,6 +96,8 @@ struct SelectSummary {
 /// Runs (or, with `report_only`, gathers) every stage of the experiment in `path`.
 pub fn run(path: &Path, options: &RunOptions) -> Result<Results> {
     let experiment = Experiment::load(path)?;
+    let models_dir = model::pull::local_models_dir().unwrap_or_default();
+    experiment.check_inputs(path, &pool::data_dir().join("pools"), &models_dir)?;
     let variants = experiment.expand().map_err(|e| Error::format(path, e))?;
     let root = options.runs_dir.join(&experiment.name);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
@@ -225,16 +227,7 @@ struct Runner<'a> {
 impl<'a> Runner<'a> {
     fn new(variant: &'a Variant, root: &'a Path, options: &'a RunOptions) -> Result<Self> {
         let exp = &variant.experiment;
-        let pool_path = pool_path(exp);
-        if !pool_path.exists() {
-            let how = exp.pool.upstream.as_deref().map_or(String::new(), |u| format!("; build or fetch it: {u}"));
-            return Err(Error::Invalid(format!(
-                "pool `{}` is neither a file nor in {}{how}",
-                exp.pool.path,
-                pool::data_dir().join("pools").display()
-            )));
-        }
-        let pool = read_pool(exp, &pool_path)?;
+        let pool = read_pool(exp, &pool_path(exp))?;
         let pool_key = pool_key(&pool);
         let benches = eval::load_benchmarks(
             &exp.evaluation.benchmarks,
