@@ -109,3 +109,57 @@ fn bad_selection_input_is_one_clear_line() {
     let err = common::one_error_line(&harness(&["pool", "stats", "--pool", pool_s, "--column", "response"], &cache));
     assert!(err.contains("KEY=NAME"), "{err}");
 }
+
+#[test]
+fn three_shards_merge_to_the_unsharded_scores_and_gaps_are_refused() {
+    let stories = Path::new("../shared/models/stories260K.gguf");
+    if !stories.exists() {
+        return eprintln!("skipped: {} is not here", stories.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pool = dir.path().join("pool.jsonl");
+    let rows: String = (0..9)
+        .flat_map(|i| {
+            ["alpha", "beta"].map(move |s| {
+                let row = serde_json::json!({"instruction_id": i, "prompt": format!("Tell me story {i}."), "response": format!("Once upon a time {s} saw {i} cats."), "source": s});
+                format!("{row}\n")
+            })
+        })
+        .collect();
+    std::fs::write(&pool, rows).unwrap();
+    let pool_s = pool.to_str().unwrap();
+    let store = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    succeeded(&harness(&["score", "--model", "stories260k", "--pool", pool_s, "--out", &store("whole.parquet")], &cache));
+    let mut parts = Vec::new();
+    for i in 0..3 {
+        let part = store(&format!("part{i}.parquet"));
+        let said = succeeded(&harness(&["score", "--model", "stories260k", "--pool", pool_s, "--shard", &format!("{i}/3"), "--out", &part], &cache));
+        assert!(said.contains(&format!("shard {i}/3:")), "{said}");
+        parts.push(part);
+    }
+    let merged = store("merged.parquet");
+    let said = succeeded(&harness(&[&["merge-scores", "--out", &merged][..], &parts.iter().map(String::as_str).collect::<Vec<_>>()].concat(), &cache));
+    assert!(said.contains("merged 18 scores from 3 shards"), "{said}");
+    let (whole, merged) = (
+        grape_harness::score::ScoreStore::open_existing(Path::new(&store("whole.parquet"))).unwrap(),
+        grape_harness::score::ScoreStore::open_existing(Path::new(&merged)).unwrap(),
+    );
+    assert_eq!(whole.len(), 18);
+    assert_eq!(merged.len(), 18);
+    for ((max_len, pair), score) in whole.entries() {
+        let other = merged.get(*max_len, pair).expect("every pair merged");
+        assert!((score.sum_logprob - other.sum_logprob).abs() < 1e-3, "{} vs {}", score.sum_logprob, other.sum_logprob);
+        assert_eq!(score.n_tokens, other.n_tokens);
+    }
+
+    let refuse = |parts: &[&str]| common::one_error_line(&harness(&[&["merge-scores", "--out", &store("bad.parquet")][..], parts].concat(), &cache));
+    let err = refuse(&[&parts[0], &parts[1]]);
+    assert!(err.contains("shard 2/3 is missing"), "{err}");
+    let err = refuse(&[&parts[0], &parts[1], &parts[1], &parts[2]]);
+    assert!(err.contains("shard 1/3 is given twice"), "{err}");
+    let err = refuse(&[&store("whole.parquet")]);
+    assert!(err.contains("not a finished shard"), "{err}");
+    let bad = harness(&["score", "--model", "stories260k", "--pool", pool_s, "--shard", "3/3", "--out", &store("x.parquet")], &cache);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= i < N"));
+}

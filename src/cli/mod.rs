@@ -31,6 +31,8 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Score every candidate of a pool with a model into a score store (Parquet).
     Score(score::ScoreArgs),
+    /// Join the stores of `harness score --shard i/N` (all N, once each) into one.
+    MergeScores(score::MergeArgs),
     /// Select SFT data from a pool with a registered selector.
     Select(score::SelectArgs),
     /// Fine-tune a model on SFT data (response-only loss, AdamW), export it for Hugging Face.
@@ -51,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => run::report(args),
         Command::Model(cmd) => model::run(cmd),
         Command::Score(args) => score::run_score(args),
+        Command::MergeScores(args) => score::run_merge(args),
         Command::Select(args) => score::run_select(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),

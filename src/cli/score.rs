@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use grape_harness::model::{self, LoadedModel};
 use grape_harness::pool::{stats, Pool};
+use grape_harness::score::shard::{self, Shard, ShardRecord};
 use grape_harness::score::{self, Overflow, Score, ScoreOptions, ScoreStore};
 use grape_harness::select::{self, s2l, Needs, Params, SelectInput};
 use std::path::PathBuf;
@@ -72,6 +73,20 @@ pub struct ScoreArgs {
     /// The score store (Parquet). Scores already there are reused, new ones added.
     #[arg(long)]
     out: PathBuf,
+    /// Score only shard i of N (instructions split by a hash of their id), for N machines;
+    /// `harness merge-scores` joins the N stores.
+    #[arg(long, value_name = "i/N")]
+    shard: Option<Shard>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The merged store (Parquet); scores already there are kept.
+    #[arg(long)]
+    out: PathBuf,
+    /// The stores `harness score --shard i/N` wrote, one per shard.
+    #[arg(required = true)]
+    parts: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -141,11 +156,25 @@ fn score_pool(
 }
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
-    let pool = args.pool.read()?;
+    let whole = args.pool.read()?;
+    let sharded = args.shard.map(|s| s.of(&whole));
+    let pool = sharded.as_ref().unwrap_or(&whole);
     let model = load(&args.model.model, args.model.template.as_deref())?;
-    let mut store = ScoreStore::open(&args.out, &model.fingerprint()?)
+    let fingerprint = model.fingerprint()?;
+    let mut store = ScoreStore::open(&args.out, &fingerprint)
         .with_context(|| format!("opening the score store {}", args.out.display()))?;
-    score_pool(&model, &pool, &args.scoring.options(), &mut store)?;
+    score_pool(&model, pool, &args.scoring.options(), &mut store)?;
+    if let Some(s) = args.shard {
+        let record = ShardRecord { shard: s, pool: whole.digest(), fingerprint, instructions: pool.instructions.len() };
+        shard::write_record(&args.out, &record)?;
+        println!("shard {s}: {} of {} instructions", pool.instructions.len(), whole.instructions.len());
+    }
+    Ok(())
+}
+
+pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    let merged = shard::merge(&args.parts, &args.out).with_context(|| format!("merging into {}", args.out.display()))?;
+    println!("merged {merged} scores from {} shards into {}", args.parts.len(), args.out.display());
     Ok(())
 }
 

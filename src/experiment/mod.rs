@@ -198,19 +198,6 @@ fn model_ref(target: &config::Target) -> String {
     config::resolve(&target.model, &models_dir).to_string_lossy().into_owned()
 }
 
-/// A hash of the pool's content as the stages see it (ids, prompts, responses, sources).
-fn pool_key(pool: &Pool) -> String {
-    let mut text = String::new();
-    for i in &pool.instructions {
-        text.push_str(&i.id);
-        for c in &i.candidates {
-            text.push_str(&score::pair_hash(&i.prompt, &c.response));
-            text.push_str(&c.source);
-        }
-        text.push('\n');
-    }
-    crate::util::sha256_bytes(text.as_bytes())
-}
 
 /// One variant of an experiment.
 struct Runner<'a> {
@@ -228,7 +215,7 @@ impl<'a> Runner<'a> {
     fn new(variant: &'a Variant, root: &'a Path, options: &'a RunOptions) -> Result<Self> {
         let exp = &variant.experiment;
         let pool = read_pool(exp, &pool_path(exp))?;
-        let pool_key = pool_key(&pool);
+        let pool_key = pool.digest();
         let benches = eval::load_benchmarks(
             &exp.evaluation.benchmarks,
             &eval::benchmark::eval_dir(),

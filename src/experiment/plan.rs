@@ -5,6 +5,7 @@
 use super::stage::Stage;
 use super::Experiment;
 use crate::model::{self, LoadedModel};
+use crate::pool::Pool;
 use crate::select::{self, Needs};
 use crate::Result;
 use std::fmt::Write as _;
@@ -86,7 +87,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
             let _ = writeln!(out, "  pool {}: NOT HERE ({how}); stage keys need it", exp.pool.path);
         }
     }
-    let pool_key = pool.as_ref().map(super::pool_key);
+    let pool_key = pool.as_ref().map(Pool::digest);
     let data_dir = crate::pool::data_dir().join("eval");
     let benches = crate::eval::load_benchmarks(&exp.evaluation.benchmarks, &crate::eval::benchmark::eval_dir(), &data_dir);
     let limit = exp.evaluation.limit.unwrap_or(usize::MAX);

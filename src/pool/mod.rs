@@ -99,6 +99,21 @@ impl Pool {
             .collect()
     }
 
+    /// A hash of the content as scoring and selection see it: ids, prompts, responses and
+    /// sources, in order. Stage keys and shard records name pools by it.
+    pub fn digest(&self) -> String {
+        let mut text = String::new();
+        for i in &self.instructions {
+            text.push_str(&i.id);
+            for c in &i.candidates {
+                text.push_str(&crate::score::pair_hash(&i.prompt, &c.response));
+                text.push_str(&c.source);
+            }
+            text.push('\n');
+        }
+        crate::util::sha256_bytes(text.as_bytes())
+    }
+
     /// The first `n` instructions, for quick runs.
     pub fn truncated(mut self, n: usize) -> Self {
         self.instructions.truncate(n);

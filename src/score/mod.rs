@@ -7,6 +7,7 @@
 //! with the prompt caches of several instructions stacked into one batch. The output
 //! projection and log-softmax run only at response positions.
 
+pub mod shard;
 mod store;
 
 pub use store::{pair_hash, ScoreStore};

@@ -87,6 +87,11 @@ impl ScoreStore {
         self.rows.is_empty()
     }
 
+    /// Every stored score with its (maximum length, pair hash) key.
+    pub fn entries(&self) -> impl Iterator<Item = (&PairKey, &Score)> {
+        self.rows.iter()
+    }
+
     pub fn get(&self, max_len: usize, pair: &str) -> Option<&Score> {
         self.rows.get(&(max_len, pair.to_string()))
     }
