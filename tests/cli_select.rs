@@ -2,23 +2,10 @@
 //! and a small pool, and their answers to bad input.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 mod common;
 
-fn harness(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(args)
-        .env("HARNESS_CACHE_DIR", cache)
-        .output()
-        .unwrap()
-}
-
-fn succeeded(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
+use common::{harness, have, succeeded, STORIES};
 
 
 const POOL: &str = r#"{"instruction_id": 1, "prompt": "Tell me about a cat.", "response": "The cat sat on the mat.", "source": "alpha"}
@@ -30,9 +17,8 @@ const POOL: &str = r#"{"instruction_id": 1, "prompt": "Tell me about a cat.", "r
 
 #[test]
 fn score_select_and_stats() {
-    let stories = Path::new("../shared/models/stories260K.gguf");
-    if !stories.exists() {
-        return eprintln!("skipped: {} is not here", stories.display());
+    if !have(&[STORIES]) {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
@@ -112,9 +98,8 @@ fn bad_selection_input_is_one_clear_line() {
 
 #[test]
 fn three_shards_merge_to_the_unsharded_scores_and_gaps_are_refused() {
-    let stories = Path::new("../shared/models/stories260K.gguf");
-    if !stories.exists() {
-        return eprintln!("skipped: {} is not here", stories.display());
+    if !have(&[STORIES]) {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

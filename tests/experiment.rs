@@ -4,29 +4,15 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-fn harness(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_harness")).args(args).env("HARNESS_CACHE_DIR", cache).output().unwrap()
-}
-
-fn succeeded(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
+use common::{harness, have, succeeded, STORIES};
 
 fn have_stories() -> bool {
-    let stories = Path::new("../shared/models/stories260K.gguf");
-    let data = Path::new("../shared/data/eval/HumanEval.jsonl.gz");
-    if !stories.exists() || !data.exists() {
-        eprintln!("skipped: {} or {} is not here", stories.display(), data.display());
-        return false;
-    }
-    true
+    have(&[STORIES, "../shared/data/eval/HumanEval.jsonl.gz"])
 }
 
 /// 6 story-like instructions with 3 candidates each, in `dir`.

@@ -3,13 +3,10 @@
 //! answers to bad input.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 mod common;
 
-fn harness(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_harness")).args(args).env("HARNESS_CACHE_DIR", cache).output().unwrap()
-}
+use common::{harness, have, STORIES};
 
 /// 8 instructions with 3 candidates each, story-like so stories260K has something to learn.
 fn pool(dir: &Path) -> String {
@@ -39,9 +36,8 @@ const REFERENCE: [&str; 12] = [
 
 #[test]
 fn s2l_selects_evenly_from_clusters_of_real_trajectories() {
-    let stories = Path::new("../shared/models/stories260K.gguf");
-    if !stories.exists() {
-        return eprintln!("skipped: {} is not here", stories.display());
+    if !have(&[STORIES]) {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
@@ -87,10 +83,9 @@ fn s2l_selects_evenly_from_clusters_of_real_trajectories() {
 
 #[test]
 fn s2l_bad_input_is_one_clear_error() {
-    let stories = Path::new("../shared/models/stories260K.gguf");
     let other = Path::new("../shared/models/llama-2-tiny-random.gguf");
-    if !stories.exists() || !other.exists() {
-        return eprintln!("skipped: the models in ../shared/models are not here");
+    if !have(&[STORIES, "../shared/models/llama-2-tiny-random.gguf"]) {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

@@ -1,6 +1,33 @@
 //! Helpers shared by the tests that run the `harness` binary.
+#![allow(dead_code)] // each test file uses its own share of them
 
-use std::process::Output;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `harness` with its model cache in `cache`.
+pub fn harness(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harness")).args(args).env("HARNESS_CACHE_DIR", cache).output().unwrap()
+}
+
+/// Stdout of a run that must succeed.
+pub fn succeeded(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Whether every file in `paths` (models, data under ../shared) is here; says which is not.
+pub fn have(paths: &[&str]) -> bool {
+    match paths.iter().map(Path::new).find(|p| !p.exists()) {
+        Some(missing) => {
+            eprintln!("skipped: {} is not here", missing.display());
+            false
+        }
+        None => true,
+    }
+}
+
+pub const STORIES: &str = "../shared/models/stories260K.gguf";
 
 /// The single `error:` line of a run that must fail cleanly: non-zero exit, no panic.
 pub fn one_error_line(out: &Output) -> String {
