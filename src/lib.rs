@@ -11,6 +11,7 @@ pub mod pool;
 pub mod report;
 pub mod score;
 pub mod select;
+pub mod shard;
 pub mod train;
 pub mod util;
 

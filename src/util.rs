@@ -101,3 +101,23 @@ impl Rng {
         }
     }
 }
+
+/// An exclusive advisory lock on `path` (created if need be), held until the returned file
+/// is dropped or the process ends, however it ends. `wait`: block until it is free; else
+/// `None` when another process holds it.
+pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    let mode = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), mode) } == 0 {
+            return Ok(Some(file));
+        }
+        match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            e if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            e => return Err(e),
+        }
+    }
+}

@@ -149,6 +149,49 @@ fn math_and_gsmplus_references_grade_as_correct_and_off_by_one_as_wrong() {
     }
 }
 
+/// `--shard i/N` grades a hash-chosen part of the items; `harness merge-eval` joins the
+/// three parts into the metrics of one unsharded run, and refuses a missing shard.
+#[test]
+fn three_eval_shards_merge_into_the_unsharded_metrics() {
+    let Some(math) = rows("MATH-500.jsonl.gz") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Every third answer off, so the score and its interval are not trivial.
+    let completions = write_completions(
+        dir.path(),
+        math.iter().enumerate().map(|(i, t)| {
+            let answer = if i % 3 == 0 { "-12345" } else { t["answer"].as_str().unwrap() };
+            (t["unique_id"].as_str().unwrap().to_string(), format!("The final answer is $\\boxed{{{answer}}}$."))
+        }),
+    );
+    let (whole, _) = eval("math500", &completions, &dir.path().join("whole"), &[]);
+    let mut parts = Vec::new();
+    for shard in ["0/3", "1/3", "2/3"] {
+        let out = dir.path().join(format!("part{}", &shard[..1]));
+        let (part, _) = eval("math500", &completions, &out, &["--shard", shard]);
+        assert!(part["score"]["n"].as_u64().unwrap() < 500, "{part}");
+        parts.push(out);
+    }
+    let merge = |parts: &[PathBuf]| {
+        Command::new(env!("CARGO_BIN_EXE_harness"))
+            .arg("merge-eval")
+            .arg("--out")
+            .arg(dir.path().join("merged"))
+            .args(parts)
+            .output()
+            .unwrap()
+    };
+    let missing = merge(&parts[..2]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("shard 2/3 is missing"), "{missing:?}");
+    let merged = merge(&parts);
+    assert!(merged.status.success(), "{}", String::from_utf8_lossy(&merged.stderr));
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("merged/metrics.json")).unwrap()).unwrap();
+    for key in ["score", "groups", "unparseable_rate", "pass_at_k"] {
+        assert_eq!(metrics["math500"][key], whole[key], "{key}");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("merged/items.jsonl")).unwrap().lines().count(), 500);
+}
+
 #[test]
 fn bad_eval_input_is_named() {
     let Some(_) = rows("MATH-500.jsonl.gz") else { return };

@@ -81,6 +81,63 @@ fn s2l_selects_evenly_from_clusters_of_real_trajectories() {
     assert_eq!(std::fs::read_to_string(out.join("manifest.jsonl")).unwrap(), manifest);
 }
 
+/// `--shard i/N` computes one part of the trajectories in a shared work folder; the run
+/// without it merges the parts, refusing while one is missing, and selects as one
+/// unsharded run does.
+#[test]
+fn s2l_trajectories_from_three_shards_equal_one_run() {
+    if !have(&[STORIES]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pool = pool(dir.path());
+    let run = |name: &str, shard: Option<&str>| {
+        let out = dir.path().join(name);
+        let work = dir.path().join(format!("{}-work", name.split('-').next().unwrap()));
+        let mut args = [
+            &["select", "--selector", "s2l", "--model", "stories260k", "--pool", &pool, "--param", "k=3"][..],
+            &REFERENCE[..],
+            &["--out", out.to_str().unwrap(), "--work-dir", work.to_str().unwrap()][..],
+        ]
+        .concat();
+        args.extend(shard.map(|s| ["--shard", s]).into_iter().flatten());
+        let output = harness(&args, &cache);
+        (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)), out, work)
+    };
+    let table = |work: &Path| {
+        let folder = std::fs::read_dir(work).unwrap().next().unwrap().unwrap().path();
+        let file = std::fs::File::open(folder.join("trajectories.parquet")).unwrap();
+        use polars::prelude::SerReader;
+        polars::prelude::ParquetReader::new(file).finish().unwrap()
+    };
+    let (ok, said, whole_out, whole_work) = run("whole", None);
+    assert!(ok, "{said}");
+
+    for shard in ["0/3", "2/3"] {
+        let (ok, said, _, _) = run("sharded-part", Some(shard));
+        assert!(ok && said.contains(&format!("trajectories shard {shard}")), "{said}");
+    }
+    let (ok, said, _, _) = run("sharded", None);
+    assert!(!ok && said.contains("shard 1/3 is missing"), "{said}");
+    let (ok, said, _, _) = run("sharded-part", Some("1/3"));
+    assert!(ok, "{said}");
+    let (ok, said, sharded_out, sharded_work) = run("sharded", None);
+    assert!(ok, "{said}");
+
+    let (whole, sharded) = (table(&whole_work), table(&sharded_work));
+    assert_eq!(whole.shape(), sharded.shape());
+    for column in whole.get_column_names().into_iter().filter(|c| c.starts_with("step_")) {
+        let (a, b) = (whole.column(column).unwrap().f64().unwrap(), sharded.column(column).unwrap().f64().unwrap());
+        for row in 0..a.len() {
+            let (a, b) = (a.get(row).unwrap(), b.get(row).unwrap());
+            assert!((a - b).abs() < 1e-4, "{column} row {row}: {a} vs {b}");
+        }
+    }
+    let manifest = |out: &Path| std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest(&whole_out), manifest(&sharded_out));
+}
+
 #[test]
 fn s2l_bad_input_is_one_clear_error() {
     let other = Path::new("../shared/models/llama-2-tiny-random.gguf");

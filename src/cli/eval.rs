@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use grape_harness::eval::{self, benchmark, sandbox, Answers, BenchmarkMetrics, EvalOptions};
+use grape_harness::shard::Shard;
 use grape_harness::{model, pool};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,27 @@ pub struct EvalArgs {
     /// The Python the sandbox runs [default: /usr/bin/python3 when present].
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Evaluate only shard i of N (items split by a hash of their id), for N machines;
+    /// `harness merge-eval` joins the N output folders.
+    #[arg(long, value_name = "i/N")]
+    shard: Option<Shard>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Writes the merged metrics.json and items.jsonl here.
+    #[arg(long)]
+    out: PathBuf,
+    /// The output folders of `harness eval --shard i/N`, one per shard.
+    #[arg(required = true)]
+    parts: Vec<PathBuf>,
+}
+
+pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    let metrics = eval::merge(&args.parts, &args.out).with_context(|| format!("merging into {}", args.out.display()))?;
+    println!("{}", table(&metrics));
+    println!("merged {} shards into {}", args.parts.len(), args.out.display());
+    Ok(())
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -95,6 +117,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         batch_size: args.batch_size,
         seed: args.seed,
+        shard: args.shard,
         progress: true,
     };
     let metrics = eval::evaluate(answers, &benches, sandbox.as_ref(), &options, &args.out)

@@ -39,6 +39,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Evaluate a model (or given completions) on benchmarks: pass@1 and accuracy.
     Eval(eval::EvalArgs),
+    /// Join the output folders of `harness eval --shard i/N` (all N, once each) into one.
+    MergeEval(eval::MergeArgs),
     /// Describe a pool, its scores and selections.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -57,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Select(args) => score::run_select(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::MergeEval(args) => eval::run_merge(args),
         Command::Pool(cmd) => pool::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }

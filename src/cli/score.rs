@@ -118,6 +118,11 @@ pub struct SelectArgs {
     /// Where s2l trains its reference model and keeps the loss trajectories [default: OUT/trajectories].
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// s2l only: compute the loss trajectories of shard i of N (instructions split by a hash
+    /// of their id) into the work folder and stop; a run without --shard on the same folder
+    /// merges the N parts and selects. (Score-ranked selectors: `harness score --shard`.)
+    #[arg(long, value_name = "i/N")]
+    shard: Option<Shard>,
 }
 
 fn load(name: &str, template: Option<&str>) -> anyhow::Result<LoadedModel> {
@@ -188,7 +193,11 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
     let selector = select::build(name, &params)?;
     let pool = args.pool.read()?;
     let model_for = |why: &str| args.model.as_deref().with_context(|| format!("selector `{name}` {why}: give --model"));
-    let (scores, trajectories) = match selector.needs() {
+    let needs = selector.needs();
+    if args.shard.is_some() && !matches!(needs, Needs::Trajectories(_)) {
+        anyhow::bail!("--shard splits S2L's trajectories; `{name}` has none (shard its scores with `harness score --shard`)");
+    }
+    let (scores, trajectories) = match needs {
         Needs::Nothing => (None, None),
         Needs::Scores => {
             let model = load(model_for("ranks by scores")?, args.template.as_deref())?;
@@ -202,6 +211,20 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
             let target = model_for("trains a reference model of the target's family")?;
             let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
             let dir = args.work_dir.clone().unwrap_or_else(|| args.out.join("trajectories"));
+            if let Some(shard) = args.shard {
+                let (steps, cost) =
+                    s2l::trajectories::compute_shard(target, &options, &pool, &reference, args.seed, &dir, shard, true)
+                        .with_context(|| format!("computing shard {shard} of the S2L loss trajectories in {}", dir.display()))?;
+                println!(
+                    "trajectories shard {shard}: {} snapshots (steps {steps:?}), scoring {:.1} s, {} tokens; \
+                     run again without --shard on {} to merge and select",
+                    steps.len(),
+                    cost.score_seconds,
+                    cost.score_tokens,
+                    dir.display()
+                );
+                return Ok(());
+            }
             let t = s2l::trajectories::compute(target, &options, &pool, &reference, args.seed, &dir, true)
                 .with_context(|| format!("computing S2L loss trajectories in {}", dir.display()))?;
             println!(

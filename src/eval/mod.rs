@@ -13,7 +13,9 @@ use crate::{Error, Result};
 use benchmark::{Benchmark, Reference};
 use metrics::Estimate;
 use serde::{Deserialize, Serialize};
+use crate::shard::Shard;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One generated (or supplied) answer to one item.
@@ -29,7 +31,7 @@ pub struct Completion {
 }
 
 /// One line of `items.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemRecord {
     pub benchmark: String,
     pub task_id: String,
@@ -151,9 +153,18 @@ pub fn grade(
     Ok(records)
 }
 
-/// Metrics of one benchmark from its graded records.
+/// What a benchmark reports: `pass@1` for code, `accuracy` for math.
+pub fn metric_of(bench: &Benchmark) -> &'static str {
+    match bench.spec.grader {
+        benchmark::Grader::Code { .. } => "pass@1",
+        benchmark::Grader::Math { .. } => "accuracy",
+    }
+}
+
+/// Metrics of one benchmark (`metric`: see [`metric_of`]) from its graded records.
 pub fn summarize(
-    bench: &Benchmark,
+    benchmark: &str,
+    metric: &str,
     records: &[ItemRecord],
     seed: u64,
     generation_seconds: Option<f64>,
@@ -185,12 +196,8 @@ pub fn summarize(
     let rate = |hit: &dyn Fn(&ItemRecord) -> bool| records.iter().filter(|r| hit(r)).count() as f64 / records.len().max(1) as f64;
     let known_finish = records.iter().all(|r| r.finish.is_some());
     BenchmarkMetrics {
-        benchmark: bench.name().to_string(),
-        metric: match bench.spec.grader {
-            benchmark::Grader::Code { .. } => "pass@1",
-            benchmark::Grader::Math { .. } => "accuracy",
-        }
-        .to_string(),
+        benchmark: benchmark.to_string(),
+        metric: metric.to_string(),
         score: metrics::estimate(&item_scores, seed),
         samples_per_item: samples,
         pass_at_k,
@@ -208,7 +215,7 @@ pub fn summarize(
 /// Completions made elsewhere (vLLM, another harness): JSON Lines of
 /// `{"task_id": <the benchmark's item id>, "completion": <raw generated text>}`, as
 /// human-eval's sample files are; several rows for one task are several samples.
-pub fn read_completions(path: &std::path::Path, bench: &Benchmark) -> Result<Vec<Completion>> {
+pub fn read_completions(path: &Path, bench: &Benchmark) -> Result<Vec<Completion>> {
     use std::io::BufRead;
     let index: std::collections::HashMap<&str, usize> =
         bench.items.iter().enumerate().map(|(i, item)| (item.id.as_str(), i)).collect();
@@ -280,7 +287,7 @@ pub enum Answers<'a> {
     /// Generated here with the benchmark's decoding settings (overridable in [`EvalOptions`]).
     Model(&'a crate::model::LoadedModel),
     /// A completions file made elsewhere (one benchmark only).
-    File(&'a std::path::Path),
+    File(&'a Path),
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +302,8 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Seeds sampling and the bootstrap intervals.
     pub seed: u64,
+    /// Only the items of this shard (by a hash of their id); [`merge`] joins the parts.
+    pub shard: Option<Shard>,
     pub progress: bool,
 }
 
@@ -308,13 +317,14 @@ impl Default for EvalOptions {
             max_new_tokens: None,
             batch_size: 16,
             seed: 0,
+            shard: None,
             progress: false,
         }
     }
 }
 
 /// Benchmarks by name (files in `eval_dir`) or path, their data read from `data_dir`.
-pub fn load_benchmarks(names: &[String], eval_dir: &std::path::Path, data_dir: &std::path::Path) -> Result<Vec<Benchmark>> {
+pub fn load_benchmarks(names: &[String], eval_dir: &Path, data_dir: &Path) -> Result<Vec<Benchmark>> {
     names.iter().map(|name| Benchmark::load(&benchmark::spec_path(name, eval_dir)?, data_dir)).collect()
 }
 
@@ -333,22 +343,19 @@ pub fn evaluate(
     benches: &[Benchmark],
     sandbox: Option<&sandbox::Sandbox>,
     options: &EvalOptions,
-    out: &std::path::Path,
+    out: &Path,
 ) -> Result<Vec<BenchmarkMetrics>> {
-    use std::io::Write;
     if options.samples == 0 {
         return Err(Error::Invalid("samples must be at least 1".into()));
     }
     if matches!(answers, Answers::File(_)) && benches.len() != 1 {
         return Err(Error::Invalid(format!("a completions file grades one benchmark, not {}", benches.len())));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let items_path = out.join("items.jsonl");
-    let file = std::fs::File::create(&items_path).map_err(|e| Error::io(&items_path, e))?;
-    let mut items_file = std::io::BufWriter::new(file);
+    let mut records_of = Vec::with_capacity(benches.len());
     let mut all = Vec::with_capacity(benches.len());
     for bench in benches {
         let limit = options.limit.unwrap_or(usize::MAX).min(bench.items.len());
+        let in_shard = |item: usize| options.shard.is_none_or(|s| s.owns(&bench.items[item].id));
         let started = Instant::now();
         let (completions, generation_seconds) = match answers {
             Answers::Model(model) => {
@@ -361,7 +368,7 @@ pub fn evaluate(
                     stop: decoding.stop.clone(),
                     batch_size: options.batch_size,
                 };
-                let items: Vec<usize> = (0..limit).collect();
+                let items: Vec<usize> = (0..limit).filter(|&i| in_shard(i)).collect();
                 let bar = bar(options.progress, &format!("{} generating", bench.name()), "{human_pos} tokens  {per_sec}  {elapsed}");
                 let completions = generate_completions(model, bench, &items, options.samples, &generate, |n| bar.inc(n as u64))?;
                 bar.finish_and_clear();
@@ -369,7 +376,7 @@ pub fn evaluate(
             }
             Answers::File(path) => {
                 let mut completions = read_completions(path, bench)?;
-                completions.retain(|c| c.item < limit);
+                completions.retain(|c| c.item < limit && in_shard(c.item));
                 (completions, None)
             }
         };
@@ -378,21 +385,116 @@ pub fn evaluate(
         bar.set_length(completions.len() as u64);
         let records = grade(bench, &completions, sandbox, || bar.inc(1))?;
         bar.finish_and_clear();
-        let metrics = summarize(bench, &records, options.seed, generation_seconds, graded_at.elapsed().as_secs_f64());
-        for r in &records {
-            serde_json::to_writer(&mut items_file, r).expect("plain data serialises");
-            items_file.write_all(b"\n").map_err(|e| Error::io(&items_path, e))?;
-        }
+        let grading_seconds = graded_at.elapsed().as_secs_f64();
+        let metrics = summarize(bench.name(), metric_of(bench), &records, options.seed, generation_seconds, grading_seconds);
         tracing::info!("{}: {} {:.1}% over {} items", bench.name(), metrics.metric, 100.0 * metrics.score.value, metrics.score.n);
+        records_of.push(records);
         all.push(metrics);
+    }
+    write_results(out, &records_of, &all)?;
+    if let Some(shard) = options.shard {
+        let record = ShardRecord { shard, run: run_digest(&answers, benches, options)?, seed: options.seed };
+        let path = out.join(SHARD_RECORD);
+        std::fs::write(&path, serde_json::to_string_pretty(&record).expect("plain data serialises"))
+            .map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(all)
+}
+
+/// `items.jsonl` (every record, benchmark by benchmark) and `metrics.json` (by name).
+fn write_results(out: &Path, records_of: &[Vec<ItemRecord>], metrics: &[BenchmarkMetrics]) -> Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let items_path = out.join("items.jsonl");
+    let file = std::fs::File::create(&items_path).map_err(|e| Error::io(&items_path, e))?;
+    let mut items_file = std::io::BufWriter::new(file);
+    for r in records_of.iter().flatten() {
+        serde_json::to_writer(&mut items_file, r).expect("plain data serialises");
+        items_file.write_all(b"\n").map_err(|e| Error::io(&items_path, e))?;
     }
     items_file.flush().map_err(|e| Error::io(&items_path, e))?;
     let by_name: serde_json::Map<String, serde_json::Value> =
-        all.iter().map(|m| (m.benchmark.clone(), serde_json::to_value(m).expect("plain data serialises"))).collect();
+        metrics.iter().map(|m| (m.benchmark.clone(), serde_json::to_value(m).expect("plain data serialises"))).collect();
     let metrics_path = out.join("metrics.json");
     let json = serde_json::to_string_pretty(&by_name).expect("plain data serialises") + "\n";
-    std::fs::write(&metrics_path, json).map_err(|e| Error::io(&metrics_path, e))?;
-    Ok(all)
+    std::fs::write(&metrics_path, json).map_err(|e| Error::io(&metrics_path, e))
+}
+
+const SHARD_RECORD: &str = "shard.json";
+
+/// Which shard an output folder holds and of which evaluation run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShardRecord {
+    shard: Shard,
+    /// [`run_digest`]: the answers, the benchmarks and every setting but the shard.
+    run: String,
+    /// Seeds the merged bootstrap intervals as it did the parts'.
+    seed: u64,
+}
+
+fn run_digest(answers: &Answers, benches: &[Benchmark], options: &EvalOptions) -> Result<String> {
+    let answers = match answers {
+        Answers::Model(model) => format!("model {}", model.fingerprint()?),
+        Answers::File(path) => format!("completions {}", crate::util::sha256_file(path)?),
+    };
+    let specs: Vec<String> = benches.iter().map(|b| format!("{:?}", b.spec)).collect();
+    let settings = EvalOptions { shard: None, progress: false, ..options.clone() };
+    Ok(crate::util::sha256_bytes(format!("{answers}\0{specs:?}\0{settings:?}").as_bytes())[..16].to_string())
+}
+
+/// Joins the output folders of `--shard i/N` evaluations (all N, once each, of one run)
+/// into `out`: every item record, and metrics recomputed over all items, as one unsharded
+/// run would have computed them. Generation and grading seconds are summed.
+pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Vec<BenchmarkMetrics>> {
+    let mut covers = Vec::with_capacity(parts.len());
+    let mut seed = 0;
+    for part in parts {
+        let path = part.join(SHARD_RECORD);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::Invalid(format!("{}: not a finished evaluation shard ({} is missing: {e})", part.display(), path.display()))
+        })?;
+        let record: ShardRecord =
+            serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not a shard record: {e}")))?;
+        seed = record.seed;
+        covers.push((part.clone(), record.shard, record.run));
+    }
+    crate::shard::check_cover(&covers)?;
+    // Benchmarks in the parts' order, each with its records and its parts' metrics.
+    let mut benchmarks: Vec<(String, Vec<ItemRecord>, Vec<BenchmarkMetrics>)> = Vec::new();
+    for part in parts {
+        let metrics_path = part.join("metrics.json");
+        let text = std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        let metrics: BTreeMap<String, BenchmarkMetrics> =
+            serde_json::from_str(&text).map_err(|e| Error::format(&metrics_path, format!("not eval metrics: {e}")))?;
+        let items_path = part.join("items.jsonl");
+        let text = std::fs::read_to_string(&items_path).map_err(|e| Error::io(&items_path, e))?;
+        for (n, line) in text.lines().enumerate() {
+            let record: ItemRecord = serde_json::from_str(line)
+                .map_err(|e| Error::format(&items_path, format!("line {}: not an item record: {e}", n + 1)))?;
+            match benchmarks.iter_mut().find(|(name, _, _)| *name == record.benchmark) {
+                Some((_, records, _)) => records.push(record),
+                None => benchmarks.push((record.benchmark.clone(), vec![record], Vec::new())),
+            }
+        }
+        for (name, m) in metrics {
+            match benchmarks.iter_mut().find(|(b, _, _)| *b == name) {
+                Some((_, _, parts)) => parts.push(m),
+                None => benchmarks.push((name, Vec::new(), vec![m])),
+            }
+        }
+    }
+    let merged: Vec<BenchmarkMetrics> = benchmarks
+        .iter()
+        .map(|(name, records, part_metrics)| {
+            let generation: Option<f64> = part_metrics.iter().map(|m| m.generation_seconds).sum();
+            let grading = part_metrics.iter().map(|m| m.grading_seconds).sum();
+            let metric = part_metrics.first().map_or("accuracy", |m| m.metric.as_str());
+            summarize(name, metric, records, seed, generation, grading)
+        })
+        .collect();
+    let records_of: Vec<Vec<ItemRecord>> = benchmarks.into_iter().map(|(_, records, _)| records).collect();
+    write_results(out, &records_of, &merged)?;
+    Ok(merged)
 }
 
 fn bar(visible: bool, prefix: &str, template: &str) -> indicatif::ProgressBar {

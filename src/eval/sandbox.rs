@@ -644,20 +644,8 @@ fn kill_all_as(uid: u32) {
 /// kernel drops it when we exit, however we exit. `None`: another process holds it.
 fn claim_uids(base: u32) -> Result<Option<fs::File>, SandboxError> {
     let path = std::env::temp_dir().join(format!("grape-sandbox-uids-{base}.lock"));
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| SandboxError::Config(format!("cannot open {}: {e}", path.display())))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(file));
-    }
-    match io::Error::last_os_error() {
-        e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        e => Err(SandboxError::Config(format!("cannot lock {}: {e}", path.display()))),
-    }
+    crate::util::lock_file(&path, false)
+        .map_err(|e| SandboxError::Config(format!("cannot lock {}: {e}", path.display())))
 }
 
 /// The first automatic block that no other sandbox holds and no user or process uses.

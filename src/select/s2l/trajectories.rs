@@ -9,13 +9,15 @@
 
 use crate::model::{self, LoadOptions, LoadedModel};
 use crate::pool::Pool;
-use crate::score::{self, ScoreOptions, ScoreStore};
+use crate::score::shard::{Shard, ShardRecord};
+use crate::score::{self, Group, Score, ScoreOptions, ScoreStore};
 use crate::train::{self, checkpoint, data::SftData, TrainConfig, Trainable};
 use crate::util::Rng;
 use crate::{Error, Result};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use candle_nn::VarMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How the reference model is trained and when its losses are taken.
@@ -76,6 +78,7 @@ const TABLE: &str = "trajectories.parquet";
 const COST: &str = "cost.json";
 
 /// The trajectories of every candidate of `pool`, computed under `work_dir` or read from it.
+/// Losses that shards ([`compute_shard`]) left in the same folder are merged and reused.
 pub fn compute(
     target: &str,
     load: &LoadOptions,
@@ -85,106 +88,31 @@ pub fn compute(
     work_dir: &Path,
     progress: bool,
 ) -> Result<Trajectories> {
-    validate(config)?;
-    let reference_name = config.model.as_deref().unwrap_or(target);
-    let (reference, vars) = model::load_trainable(reference_name, load)?;
-    if config.model.is_some() {
-        let target_model = model::inspect(target, load.template.as_deref())?;
-        same_tokenizer_family(&target_model, &reference, target, reference_name)?;
-    }
-    let base_fingerprint = reference.fingerprint()?;
-    let pool_digest: String = pool
-        .instructions
-        .iter()
-        .flat_map(|i| i.candidates.iter().map(|c| score::pair_hash(&i.prompt, &c.response)))
-        .collect();
-    let key = crate::util::sha256_bytes(format!("{base_fingerprint}\0{config:?}\0{seed}\0{pool_digest}").as_bytes());
-    let dir = &work_dir.join(&key[..16]);
+    let reference = Reference::prepare(target, load, pool, config, seed, work_dir, progress)?;
+    let dir = &reference.dir;
     let table = dir.join(TABLE);
     if table.exists() {
         let cost = read_cost(&dir.join(COST))?;
         return read_table(&table, pool, cost);
     }
-
-    // The reference run: a seeded share of all (instruction, candidate) pairs.
-    let mut pairs: Vec<(usize, usize)> = pool
-        .instructions
-        .iter()
-        .enumerate()
-        .flat_map(|(i, ins)| (0..ins.candidates.len()).map(move |j| (i, j)))
-        .collect();
-    Rng::new(seed).shuffle(&mut pairs);
-    let take = ((config.subset * pairs.len() as f64).ceil() as usize).clamp(1, pairs.len());
-    let mut data = SftData::default();
-    for &(i, j) in &pairs[..take] {
-        let ins = &pool.instructions[i];
-        data.push(&reference, &ins.prompt, &ins.candidates[j].response, config.max_len)
-            .map_err(|e| Error::Invalid(format!("S2L reference data, instruction `{}` candidate {j}: {e}", ins.id)))?;
+    let mut cost = reference.cost.clone();
+    for (step, _) in &reference.snapshots {
+        let store = losses_path(dir, *step, None);
+        let parts = shard_parts(dir, *step)?;
+        if !parts.is_empty() && !store.exists() {
+            score::shard::merge(&parts, &store)?;
+            for part in &parts {
+                cost.score_seconds += read_cost(&part.with_extension("cost.json"))?.score_seconds;
+            }
+        }
     }
-    let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
-    let total_steps = per_epoch.div_ceil(config.grad_accum) * config.epochs;
-    let every = total_steps.div_ceil(config.checkpoints).max(1);
-    let train_config = TrainConfig {
-        lr: config.lr,
-        epochs: config.epochs,
-        micro_batch_tokens: config.micro_batch_tokens,
-        grad_accum: config.grad_accum,
-        max_len: config.max_len,
-        seed,
-        save_every: Some(every),
-        keep_checkpoints: 1,
-        snapshot_every: Some(every),
-        // As the paper's S2L runs: cosine decay after a 3% warm-up.
-        schedule: train::optim::Schedule::Cosine,
-        warmup_ratio: 0.03,
-        ..TrainConfig::default()
-    };
-    let run_dir = dir.join("reference");
-    let report_path = run_dir.join("report.json");
-    let mut cost = Cost {
-        train_tokens: data.examples.iter().map(|e| e.ids.len()).sum::<usize>() * config.epochs,
-        ..Cost::default()
-    };
-    if !report_path.exists() {
-        tracing::info!("S2L: training the reference `{reference_name}` on {take} pairs, {total_steps} steps");
-        let trainable = Trainable { model: &reference, vars: &vars, base_fingerprint: base_fingerprint.clone() };
-        cost.train_seconds = train::train(&trainable, &data, &train_config, &run_dir, true, progress)?.seconds;
-    } else {
-        cost.train_seconds = read_train_seconds(&report_path)?;
-    }
-
-    let snapshots = checkpoint::snapshots(&run_dir)?;
-    if snapshots.is_empty() {
-        return Err(Error::Invalid(format!("S2L: the reference run in {} left no snapshots", run_dir.display())));
-    }
-    let groups = pool.groups();
-    let options = ScoreOptions { max_len: config.max_len, progress, ..ScoreOptions::default() };
-    let named = train::sorted_vars(&vars);
     let started = Instant::now();
-    let mut columns = Vec::with_capacity(snapshots.len());
-    for (step, path) in &snapshots {
-        let weights = checkpoint::load_weights(path, &reference.device)?;
-        for (name, var) in &named {
-            let saved = checkpoint::saved_like(&weights, name, var.as_tensor(), "snapshot")?;
-            var.set(&saved.to_dtype(var.dtype())?)?;
-        }
-        // Each snapshot is its own model: its scores get their own store.
-        let fingerprint = crate::util::sha256_bytes(format!("{base_fingerprint}\0s2l-snapshot\0{step}").as_bytes());
-        let store_path = dir.join("losses").join(format!("step-{step:08}.parquet"));
-        if let Some(parent) = store_path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let mut store = ScoreStore::open(&store_path, &fingerprint)?;
-        let scored = score::score_stored(&reference, &groups, &options, &mut store);
-        store.compact()?;
-        let (scores, _) = scored?;
-        cost.score_tokens += scores.iter().flatten().flatten().map(|s| s.n_tokens).sum::<usize>();
-        columns.push(scores);
-    }
-    cost.score_tokens += prompt_tokens(&reference, pool)? * columns.len();
-    cost.score_seconds = started.elapsed().as_secs_f64();
+    let columns = reference.score_snapshots(&pool.groups(), progress, |step| losses_path(dir, step, None))?;
+    cost.score_tokens += columns.iter().flatten().flatten().flatten().map(|s| s.n_tokens).sum::<usize>();
+    cost.score_tokens += prompt_tokens(&reference.model, pool)? * columns.len();
+    cost.score_seconds += started.elapsed().as_secs_f64();
 
-    let steps: Vec<usize> = snapshots.iter().map(|(s, _)| *s).collect();
+    let steps: Vec<usize> = reference.snapshots.iter().map(|(s, _)| *s).collect();
     let losses = pool
         .instructions
         .iter()
@@ -202,9 +130,223 @@ pub fn compute(
         .collect();
     let trajectories = Trajectories { steps, losses, cost };
     write_table(&table, pool, &trajectories)?;
-    let json = serde_json::to_string_pretty(&trajectories.cost).expect("plain data serialises");
-    std::fs::write(dir.join(COST), json).map_err(|e| Error::io(dir.join(COST), e))?;
+    write_cost(&dir.join(COST), &trajectories.cost)?;
     Ok(trajectories)
+}
+
+/// One machine's part of the trajectories: the reference run (trained once per folder; on a
+/// shared folder the first shard trains it and the others wait for it), then the losses of
+/// this shard's instructions at every snapshot, each snapshot's into a shard store. A later
+/// [`compute`] on the same folder merges the parts (refusing a missing or doubled shard)
+/// and scores nothing again. Returns the snapshot steps and this shard's cost.
+pub fn compute_shard(
+    target: &str,
+    load: &LoadOptions,
+    pool: &Pool,
+    config: &ReferenceConfig,
+    seed: u64,
+    work_dir: &Path,
+    shard: Shard,
+    progress: bool,
+) -> Result<(Vec<usize>, Cost)> {
+    let reference = Reference::prepare(target, load, pool, config, seed, work_dir, progress)?;
+    let dir = &reference.dir;
+    let part = shard.of(pool);
+    let started = Instant::now();
+    let columns = reference.score_snapshots(&part.groups(), progress, |step| losses_path(dir, step, Some(shard)))?;
+    let mut cost = Cost {
+        score_tokens: columns.iter().flatten().flatten().flatten().map(|s| s.n_tokens).sum::<usize>()
+            + prompt_tokens(&reference.model, &part)? * columns.len(),
+        ..reference.cost.clone()
+    };
+    cost.score_seconds = started.elapsed().as_secs_f64();
+    let digest = pool.digest();
+    for (step, _) in &reference.snapshots {
+        let store = losses_path(dir, *step, Some(shard));
+        let record = ShardRecord {
+            shard,
+            pool: digest.clone(),
+            fingerprint: reference.snapshot_fingerprint(*step),
+            instructions: part.instructions.len(),
+        };
+        write_cost(&store.with_extension("cost.json"), &cost)?;
+        score::shard::write_record(&store, &record)?;
+    }
+    Ok((reference.snapshots.iter().map(|(s, _)| *s).collect(), cost))
+}
+
+/// The reference model after its run: what every snapshot's losses are computed with.
+struct Reference {
+    model: LoadedModel,
+    vars: VarMap,
+    base_fingerprint: String,
+    /// Named by the hash of everything the trajectories depend on.
+    dir: PathBuf,
+    /// (step, weights file), ascending.
+    snapshots: Vec<(usize, PathBuf)>,
+    /// The training part; scoring is added by the caller.
+    cost: Cost,
+    max_len: usize,
+}
+
+impl Reference {
+    fn prepare(
+        target: &str,
+        load: &LoadOptions,
+        pool: &Pool,
+        config: &ReferenceConfig,
+        seed: u64,
+        work_dir: &Path,
+        progress: bool,
+    ) -> Result<Self> {
+        validate(config)?;
+        let reference_name = config.model.as_deref().unwrap_or(target);
+        let (reference, vars) = model::load_trainable(reference_name, load)?;
+        if config.model.is_some() {
+            let target_model = model::inspect(target, load.template.as_deref())?;
+            same_tokenizer_family(&target_model, &reference, target, reference_name)?;
+        }
+        let base_fingerprint = reference.fingerprint()?;
+        let pool_digest: String = pool
+            .instructions
+            .iter()
+            .flat_map(|i| i.candidates.iter().map(|c| score::pair_hash(&i.prompt, &c.response)))
+            .collect();
+        let key = crate::util::sha256_bytes(format!("{base_fingerprint}\0{config:?}\0{seed}\0{pool_digest}").as_bytes());
+        let dir = work_dir.join(&key[..16]);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut this = Self {
+            model: reference,
+            vars,
+            base_fingerprint,
+            dir,
+            snapshots: Vec::new(),
+            cost: Cost::default(),
+            max_len: config.max_len,
+        };
+        if !this.dir.join(TABLE).exists() {
+            let lock_path = this.dir.join("reference.lock");
+            let _lock = crate::util::lock_file(&lock_path, true).map_err(|e| Error::io(&lock_path, e))?;
+            this.train(reference_name, pool, config, seed, progress)?;
+            this.snapshots = checkpoint::snapshots(&this.dir.join("reference"))?;
+            if this.snapshots.is_empty() {
+                return Err(Error::Invalid(format!("S2L: the reference run in {} left no snapshots", this.dir.display())));
+            }
+        }
+        Ok(this)
+    }
+
+    /// Trains the reference on a seeded share of all (instruction, candidate) pairs, unless
+    /// its run is already finished.
+    fn train(&mut self, reference_name: &str, pool: &Pool, config: &ReferenceConfig, seed: u64, progress: bool) -> Result<()> {
+        let mut pairs: Vec<(usize, usize)> = pool
+            .instructions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, ins)| (0..ins.candidates.len()).map(move |j| (i, j)))
+            .collect();
+        Rng::new(seed).shuffle(&mut pairs);
+        let take = ((config.subset * pairs.len() as f64).ceil() as usize).clamp(1, pairs.len());
+        let mut data = SftData::default();
+        for &(i, j) in &pairs[..take] {
+            let ins = &pool.instructions[i];
+            data.push(&self.model, &ins.prompt, &ins.candidates[j].response, config.max_len)
+                .map_err(|e| Error::Invalid(format!("S2L reference data, instruction `{}` candidate {j}: {e}", ins.id)))?;
+        }
+        let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
+        let total_steps = per_epoch.div_ceil(config.grad_accum) * config.epochs;
+        let every = total_steps.div_ceil(config.checkpoints).max(1);
+        let train_config = TrainConfig {
+            lr: config.lr,
+            epochs: config.epochs,
+            micro_batch_tokens: config.micro_batch_tokens,
+            grad_accum: config.grad_accum,
+            max_len: config.max_len,
+            seed,
+            save_every: Some(every),
+            keep_checkpoints: 1,
+            snapshot_every: Some(every),
+            // As the paper's S2L runs: cosine decay after a 3% warm-up.
+            schedule: train::optim::Schedule::Cosine,
+            warmup_ratio: 0.03,
+            ..TrainConfig::default()
+        };
+        let run_dir = self.dir.join("reference");
+        let report_path = run_dir.join("report.json");
+        self.cost.train_tokens = data.examples.iter().map(|e| e.ids.len()).sum::<usize>() * config.epochs;
+        self.cost.train_seconds = if report_path.exists() {
+            read_train_seconds(&report_path)?
+        } else {
+            tracing::info!("S2L: training the reference `{reference_name}` on {take} pairs, {total_steps} steps");
+            let trainable = Trainable { model: &self.model, vars: &self.vars, base_fingerprint: self.base_fingerprint.clone() };
+            train::train(&trainable, &data, &train_config, &run_dir, true, progress)?.seconds
+        };
+        Ok(())
+    }
+
+    /// Each snapshot is its own model: its scores get their own fingerprint and store.
+    fn snapshot_fingerprint(&self, step: usize) -> String {
+        crate::util::sha256_bytes(format!("{}\0s2l-snapshot\0{step}", self.base_fingerprint).as_bytes())
+    }
+
+    /// Scores `groups` with the weights of every snapshot in turn, into the store
+    /// `store_at(step)` names (serving what it already holds); one column per snapshot.
+    fn score_snapshots(
+        &self,
+        groups: &[Group],
+        progress: bool,
+        store_at: impl Fn(usize) -> PathBuf,
+    ) -> Result<Vec<Vec<Vec<Option<Score>>>>> {
+        let options = ScoreOptions { max_len: self.max_len, progress, ..ScoreOptions::default() };
+        let named = train::sorted_vars(&self.vars);
+        let mut columns = Vec::with_capacity(self.snapshots.len());
+        for (step, path) in &self.snapshots {
+            let weights = checkpoint::load_weights(path, &self.model.device)?;
+            for (name, var) in &named {
+                let saved = checkpoint::saved_like(&weights, name, var.as_tensor(), "snapshot")?;
+                var.set(&saved.to_dtype(var.dtype())?)?;
+            }
+            let store_path = store_at(*step);
+            if let Some(parent) = store_path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            let mut store = ScoreStore::open(&store_path, &self.snapshot_fingerprint(*step))?;
+            let scored = score::score_stored(&self.model, groups, &options, &mut store);
+            store.compact()?;
+            columns.push(scored?.0);
+        }
+        Ok(columns)
+    }
+}
+
+/// The losses of snapshot `step`: the whole pool's, or one shard's part.
+fn losses_path(dir: &Path, step: usize, shard: Option<Shard>) -> PathBuf {
+    let name = match shard {
+        None => format!("step-{step:08}.parquet"),
+        Some(s) => format!("step-{step:08}.shard-{}-of-{}.parquet", s.index, s.count),
+    };
+    dir.join("losses").join(name)
+}
+
+/// The finished shard stores of snapshot `step` (those whose shard record was written).
+fn shard_parts(dir: &Path, step: usize) -> Result<Vec<PathBuf>> {
+    let losses = dir.join("losses");
+    let Ok(entries) = std::fs::read_dir(&losses) else { return Ok(Vec::new()) };
+    let prefix = format!("step-{step:08}.shard-");
+    let mut parts: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".parquet")
+        })
+        .collect();
+    parts.sort();
+    Ok(parts)
+}
+
+fn write_cost(path: &Path, cost: &Cost) -> Result<()> {
+    let json = serde_json::to_string_pretty(cost).expect("plain data serialises");
+    std::fs::write(path, json).map_err(|e| Error::io(path, e))
 }
 
 fn validate(config: &ReferenceConfig) -> Result<()> {
