@@ -211,10 +211,18 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
             let target = model_for("trains a reference model of the target's family")?;
             let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
             let dir = args.work_dir.clone().unwrap_or_else(|| args.out.join("trajectories"));
+            let job = s2l::trajectories::Job {
+                target,
+                load: &options,
+                pool: &pool,
+                config: &reference,
+                seed: args.seed,
+                work_dir: &dir,
+                progress: true,
+            };
             if let Some(shard) = args.shard {
-                let (steps, cost) =
-                    s2l::trajectories::compute_shard(target, &options, &pool, &reference, args.seed, &dir, shard, true)
-                        .with_context(|| format!("computing shard {shard} of the S2L loss trajectories in {}", dir.display()))?;
+                let (steps, cost) = s2l::trajectories::compute_shard(&job, shard)
+                    .with_context(|| format!("computing shard {shard} of the S2L loss trajectories in {}", dir.display()))?;
                 println!(
                     "trajectories shard {shard}: {} snapshots (steps {steps:?}), scoring {:.1} s, {} tokens; \
                      run again without --shard on {} to merge and select",
@@ -225,7 +233,7 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let t = s2l::trajectories::compute(target, &options, &pool, &reference, args.seed, &dir, true)
+            let t = s2l::trajectories::compute(&job)
                 .with_context(|| format!("computing S2L loss trajectories in {}", dir.display()))?;
             println!(
                 "trajectories: {} snapshots (steps {:?}); reference training {:.1} s, {} tokens; scoring {:.1} s, {} tokens",

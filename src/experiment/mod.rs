@@ -286,15 +286,15 @@ impl<'a> Runner<'a> {
                     scores = Some(self.score_stage(&base, &fingerprint)?);
                 }
                 let trajectories = match &needs {
-                    Needs::Trajectories(reference) => Some(s2l::trajectories::compute(
-                        &model_ref,
-                        &load_options,
-                        &self.pool,
-                        reference,
-                        exp.seed,
-                        &self.root.join("trajectories"),
-                        self.options.progress,
-                    )?),
+                    Needs::Trajectories(reference) => Some(s2l::trajectories::compute(&s2l::trajectories::Job {
+                        target: &model_ref,
+                        load: &load_options,
+                        pool: &self.pool,
+                        config: reference,
+                        seed: exp.seed,
+                        work_dir: &self.root.join("trajectories"),
+                        progress: self.options.progress,
+                    })?),
                     _ => None,
                 };
                 let input = SelectInput {

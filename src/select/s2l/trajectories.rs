@@ -77,18 +77,26 @@ pub struct Trajectories {
 const TABLE: &str = "trajectories.parquet";
 const COST: &str = "cost.json";
 
-/// The trajectories of every candidate of `pool`, computed under `work_dir` or read from it.
-/// Losses that shards ([`compute_shard`]) left in the same folder are merged and reused.
-pub fn compute(
-    target: &str,
-    load: &LoadOptions,
-    pool: &Pool,
-    config: &ReferenceConfig,
-    seed: u64,
-    work_dir: &Path,
-    progress: bool,
-) -> Result<Trajectories> {
-    let reference = Reference::prepare(target, load, pool, config, seed, work_dir, progress)?;
+/// What trajectories are computed for and where.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// The target model (the reference too, unless `config.model` names one).
+    pub target: &'a str,
+    pub load: &'a LoadOptions,
+    pub pool: &'a Pool,
+    pub config: &'a ReferenceConfig,
+    pub seed: u64,
+    /// The trajectories live in a folder below it named by all they depend on.
+    pub work_dir: &'a Path,
+    pub progress: bool,
+}
+
+/// The trajectories of every candidate of the pool, computed under the work folder or read
+/// from it. Losses that shards ([`compute_shard`]) left in the same folder are merged and
+/// reused.
+pub fn compute(job: &Job) -> Result<Trajectories> {
+    let (pool, progress) = (job.pool, job.progress);
+    let reference = Reference::prepare(job)?;
     let dir = &reference.dir;
     let table = dir.join(TABLE);
     if table.exists() {
@@ -139,17 +147,9 @@ pub fn compute(
 /// this shard's instructions at every snapshot, each snapshot's into a shard store. A later
 /// [`compute`] on the same folder merges the parts (refusing a missing or doubled shard)
 /// and scores nothing again. Returns the snapshot steps and this shard's cost.
-pub fn compute_shard(
-    target: &str,
-    load: &LoadOptions,
-    pool: &Pool,
-    config: &ReferenceConfig,
-    seed: u64,
-    work_dir: &Path,
-    shard: Shard,
-    progress: bool,
-) -> Result<(Vec<usize>, Cost)> {
-    let reference = Reference::prepare(target, load, pool, config, seed, work_dir, progress)?;
+pub fn compute_shard(job: &Job, shard: Shard) -> Result<(Vec<usize>, Cost)> {
+    let (pool, progress) = (job.pool, job.progress);
+    let reference = Reference::prepare(job)?;
     let dir = &reference.dir;
     let part = shard.of(pool);
     let started = Instant::now();
@@ -190,15 +190,8 @@ struct Reference {
 }
 
 impl Reference {
-    fn prepare(
-        target: &str,
-        load: &LoadOptions,
-        pool: &Pool,
-        config: &ReferenceConfig,
-        seed: u64,
-        work_dir: &Path,
-        progress: bool,
-    ) -> Result<Self> {
+    fn prepare(job: &Job) -> Result<Self> {
+        let Job { target, load, pool, config, seed, work_dir, progress } = *job;
         validate(config)?;
         let reference_name = config.model.as_deref().unwrap_or(target);
         let (reference, vars) = model::load_trainable(reference_name, load)?;
