@@ -6,6 +6,8 @@ use grape_harness::model::{self, gguf, LoadOptions, Mode};
 use std::collections::HashMap;
 use std::path::Path;
 
+mod common;
+
 const STORIES: &str = "../shared/models/stories260K.gguf";
 
 /// Writes stories260K as a Hugging Face folder, its tensors split over `shards` files.
@@ -97,4 +99,37 @@ fn truncated_safetensors_is_named() {
         return;
     };
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+}
+
+/// `harness model random` writes a folder every command loads: seeded weights (the same
+/// seed, the same file), a tokenizer that decodes any id, and generation that runs to its
+/// budget; an unknown shape is one clear error.
+#[test]
+fn a_random_model_of_a_given_shape_loads_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen2", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128
+    });
+    let shape = dir.path().join("tiny.json");
+    std::fs::write(&shape, config.to_string()).unwrap();
+    let write = |name: &str| {
+        let out = dir.path().join(name);
+        let args = ["model", "random", "--shape", shape.to_str().unwrap(), "--weights", "f32", "--out", out.to_str().unwrap()];
+        common::succeeded(&common::harness(&args, dir.path()));
+        out
+    };
+    let (a, b) = (write("a"), write("b"));
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(&a), bytes(&b));
+
+    let m = model::load(a.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(m.config.vocab_size, 300);
+    let prompt = grape_harness::generate::prompt_ids(&m, "t5 t17 t299", "").unwrap();
+    let options = grape_harness::generate::GenerateOptions { max_new_tokens: 6, ..Default::default() };
+    let out = grape_harness::generate::generate(&m, &[prompt], &options, |_| {}).unwrap();
+    assert_eq!(out[0].new_tokens, 6, "{out:?}");
+
+    let unknown = common::harness(&["model", "random", "--shape", "gpt-5", "--out", "x"], dir.path());
+    assert!(common::one_error_line(&unknown).contains("expected one of smollm2-135m, qwen2.5-0.5b, llama-3.1-8b"));
 }

@@ -16,6 +16,13 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Where models run: cpu, cuda or cuda:N (CUDA needs a build from scripts/build-cuda.sh).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// Inference precision: auto (f32 on the CPU, bf16 on a GPU), f32, bf16 or f16. Log-softmax
+    /// runs in f32 and training keeps f32 weights and moments whatever this says.
+    #[arg(long, global = true, default_value = "auto")]
+    pub dtype: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -50,6 +57,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    grape_harness::model::Placement::parse(&cli.device, &cli.dtype)?.install();
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Report(args) => run::report(args),

@@ -27,6 +27,20 @@ pub enum ModelCommand {
     /// Token ids and pieces of a text, or of a chat-rendered prompt/response pair with the
     /// response tokens (those scored and trained on) marked.
     Tokenize(TokenizeArgs),
+    /// A Hugging Face folder of a real model's shape with seeded random weights and a
+    /// word-level tokenizer: for throughput where the real weights cannot go.
+    Random {
+        /// smollm2-135m, qwen2.5-0.5b, llama-3.1-8b, or the path of a config.json.
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weights as stored: f32 or bf16 (an 8B model is 16 GB in bf16).
+        #[arg(long, value_parser = ["f32", "bf16"], default_value = "bf16")]
+        weights: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +68,19 @@ pub struct TokenizeArgs {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Random { shape, out, seed, weights } => {
+            let dtype = if weights == "f32" { candle_core::DType::F32 } else { candle_core::DType::BF16 };
+            let config = grape_harness::model::random::write_folder(&shape, seed, dtype, &out)
+                .with_context(|| format!("writing a random `{shape}` into {}", out.display()))?;
+            println!(
+                "{}: {} layers, hidden {}, vocabulary {}, random weights (seed {seed}, {weights})",
+                out.display(),
+                config.num_layers,
+                config.hidden_size,
+                config.vocab_size
+            );
+            Ok(())
+        }
         ModelCommand::Pull { list: true, .. } => {
             for b in pull::builtins() {
                 println!("{:<24} {}", b.name, b.description);

@@ -31,13 +31,70 @@ pub struct LoadOptions {
 }
 
 impl Default for LoadOptions {
+    /// The process's [`Placement`] (the CPU in f32 unless the CLI said otherwise).
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            template: None,
+        let Placement { device, dtype } = Placement::current();
+        Self { device, dtype, template: None }
+    }
+}
+
+/// Where models run and in what precision. Set once per process (the CLI's `--device` and
+/// `--dtype`), so every command and experiment stage follows the one flag.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    /// Inference precision. Training keeps f32 weights and moments whatever this says.
+    pub dtype: DType,
+}
+
+static PLACEMENT: std::sync::OnceLock<Placement> = std::sync::OnceLock::new();
+
+impl Placement {
+    /// `device`: `cpu`, `cuda` or `cuda:N`; `dtype`: `auto` (f32 on the CPU, bf16 on a GPU,
+    /// where log-softmax still runs in f32), `f32`, `bf16` or `f16`.
+    pub fn parse(device: &str, dtype: &str) -> Result<Self> {
+        let device = match device {
+            "cpu" => Device::Cpu,
+            "cuda" => cuda_device(0)?,
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => cuda_device(ordinal)?,
+                _ => return Err(Error::Invalid(format!("--device `{other}`: expected cpu, cuda or cuda:N"))),
+            },
+        };
+        let dtype = match dtype {
+            "auto" if device.is_cpu() => DType::F32,
+            "auto" => DType::BF16,
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => return Err(Error::Invalid(format!("--dtype `{other}`: expected auto, f32, bf16 or f16"))),
+        };
+        Ok(Self { device, dtype })
+    }
+
+    /// Makes this the process's placement; only the first call counts.
+    pub fn install(self) {
+        if PLACEMENT.set(self).is_err() {
+            tracing::warn!("the device and precision were already chosen; keeping the first choice");
         }
     }
+
+    pub fn current() -> Self {
+        PLACEMENT.get().cloned().unwrap_or(Self { device: Device::Cpu, dtype: DType::F32 })
+    }
+}
+
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Invalid(
+            "--device cuda: this harness was built without CUDA; build it with scripts/build-cuda.sh".into(),
+        ));
+    }
+    // candle appends a backtrace to CUDA errors; the first line says what went wrong.
+    Device::new_cuda(ordinal).map_err(|e| {
+        let first = e.to_string().lines().next().unwrap_or_default().to_string();
+        Error::Invalid(format!("--device cuda:{ordinal}: no usable GPU ({first})"))
+    })
 }
 
 /// See [`LoadedModel::encode_pair`].
@@ -137,11 +194,13 @@ pub fn load(name_or_path: &str, options: &LoadOptions) -> Result<LoadedModel> {
 }
 
 /// [`load`] with every weight a variable, for fine-tuning; the map owns the variables.
+/// The variables are f32 whatever `options.dtype` says: AdamW's small updates vanish in
+/// bf16 weights, so master weights and moments stay f32 on every device.
 pub fn load_trainable(name_or_path: &str, options: &LoadOptions) -> Result<(LoadedModel, VarMap)> {
     let mut model = read(name_or_path, options.template.as_deref(), true)?;
     let tensors = model.tensors.take().expect("read with weights");
     let path = model.files.weights.clone();
-    let (decoder, vars) = Decoder::trainable(&model.config, tensors, options.dtype, &options.device, &path)?;
+    let (decoder, vars) = Decoder::trainable(&model.config, tensors, DType::F32, &options.device, &path)?;
     model.decoder = Some(decoder);
     model.device = options.device.clone();
     Ok((model, vars))

@@ -14,13 +14,14 @@ pub mod llama;
 mod ops;
 mod loader;
 pub mod pull;
+pub mod random;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use layers::{KvCache, Mode};
 use layers::at_least_f32;
-pub use loader::{inspect, inspect_fingerprinted, load, load_trainable, EncodedPair, LoadOptions, LoadedModel, ModelFormat};
+pub use loader::{inspect, inspect_fingerprinted, load, load_trainable, EncodedPair, LoadOptions, LoadedModel, ModelFormat, Placement};
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};

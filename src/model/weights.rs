@@ -5,7 +5,7 @@
 use super::config::{Architecture, ModelConfig};
 use crate::util::Rng;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -80,6 +80,12 @@ pub fn check(cfg: &ModelConfig, tensors: &TensorMap, path: &Path) -> Result<()> 
 /// A seeded random model: N(0, 0.02) matrices, norms near their identity value.
 /// The same seed and config give bit-identical weights on every machine.
 pub fn random(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<TensorMap> {
+    random_as(cfg, seed, DType::F32, device)
+}
+
+/// [`random`] with each tensor cast to `dtype` as soon as it is drawn, so an 8B-shaped
+/// model in bf16 never holds its f32 copy whole.
+pub fn random_as(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<TensorMap> {
     let mut rng = Normal::new(seed);
     expected(cfg)
         .into_iter()
@@ -91,7 +97,7 @@ pub fn random(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<TensorMap
                 Kind::OffsetNorm => (0.0, 0.1),
             };
             let data: Vec<f32> = (0..n).map(|_| mean + std * rng.sample()).collect();
-            Ok((name, Tensor::from_vec(data, shape, device)?))
+            Ok((name, Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?))
         })
         .collect()
 }
