@@ -295,3 +295,51 @@ pub fn generation(model: &LoadedModel, prompts: &[Vec<u32>], batch: usize, max_n
         gflops_per_second: flops / seconds / 1e9,
     })
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusteringThroughput {
+    pub rows: usize,
+    pub dims: usize,
+    pub k: usize,
+    pub iterations: usize,
+    pub seconds: f64,
+    pub peak_memory_mib: Option<f64>,
+}
+
+impl std::fmt::Display for ClusteringThroughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "k-means (S2L) {} x {} into {} clusters, {} iterations: {:.1} s  peak {} MiB",
+            self.rows,
+            self.dims,
+            self.k,
+            self.iterations,
+            self.seconds,
+            self.peak_memory_mib.map_or("?".to_string(), |m| format!("{m:.0}")),
+        )
+    }
+}
+
+/// S2L's clustering step alone: `rows` synthetic loss trajectories of `dims` snapshots, each
+/// a falling curve of one of `k` seeded shapes plus noise, clustered as the selector does.
+pub fn kmeans(rows: usize, dims: usize, k: usize, iterations: usize, seed: u64) -> Result<ClusteringThroughput> {
+    let mut rng = crate::util::Rng::new(seed);
+    let shapes: Vec<(f64, f64)> = (0..k).map(|_| (1.0 + 3.0 * rng.uniform(), 0.05 + 0.5 * rng.uniform())).collect();
+    let mut features = Vec::with_capacity(rows * dims);
+    for _ in 0..rows {
+        let (start, decay) = shapes[rng.below(k)];
+        features.extend((0..dims).map(|t| start * (-decay * t as f64).exp() + 0.05 * (rng.uniform() - 0.5)));
+    }
+    let started = Instant::now();
+    let settings = crate::select::s2l::Kmeans { k, iterations, restarts: 1 };
+    crate::select::s2l::kmeans(&features, dims, settings, seed)?;
+    Ok(ClusteringThroughput {
+        rows,
+        dims,
+        k,
+        iterations,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_memory_mib: peak_memory_mib(),
+    })
+}

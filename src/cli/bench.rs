@@ -1,4 +1,4 @@
-//! `harness bench forward | score | train | generate`: throughput figures for the closing notes of each change.
+//! `harness bench forward | score | train | generate | kmeans`: throughput figures for the closing notes of each change.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -16,6 +16,25 @@ pub enum BenchCommand {
     Train(TrainArgs),
     /// Greedy generation on a benchmark's prompts at several batch sizes.
     Generate(GenerateArgs),
+    /// S2L's k-means on synthetic trajectories: wall time and peak memory.
+    Kmeans(KmeansArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KmeansArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// Snapshots per trajectory.
+    #[arg(long, default_value_t = 10)]
+    dims: usize,
+    #[arg(long, default_value_t = 100)]
+    k: usize,
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -84,13 +103,14 @@ pub struct ScoreArgs {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let (model_arg, results) = match &cmd {
-        BenchCommand::Forward(args) => (&args.model, forward(args)?),
-        BenchCommand::Score(args) => (&args.model, score(args)?),
-        BenchCommand::Train(args) => (&args.model, train(args)?),
-        BenchCommand::Generate(args) => (&args.model, generate(args)?),
+    let (json, results) = match &cmd {
+        BenchCommand::Forward(args) => (args.model.json, forward(args)?),
+        BenchCommand::Score(args) => (args.model.json, score(args)?),
+        BenchCommand::Train(args) => (args.model.json, train(args)?),
+        BenchCommand::Generate(args) => (args.model.json, generate(args)?),
+        BenchCommand::Kmeans(a) => (a.json, vec![entry(bench::kmeans(a.rows, a.dims, a.k, a.iterations, a.seed)?)?]),
     };
-    if model_arg.json {
+    if json {
         let json: Vec<&serde_json::Value> = results.iter().map(|(json, _)| json).collect();
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {

@@ -39,8 +39,7 @@ impl std::str::FromStr for Mode {
 
 pub struct S2l {
     reference: ReferenceConfig,
-    clusters: usize,
-    iterations: usize,
+    clustering: Kmeans,
     standardize: bool,
     /// `None`: as many as GRAPE keeps (one per instruction).
     budget: Option<usize>,
@@ -51,6 +50,7 @@ pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
     let known = [
         "k",
         "iterations",
+        "restarts",
         "standardize",
         "budget",
         "mode",
@@ -81,8 +81,13 @@ pub fn build(params: &Params) -> Result<Box<dyn Selector>> {
     };
     Ok(Box::new(S2l {
         reference,
-        clusters: p.positive("k", 100)?,
-        iterations: p.positive("iterations", 20)?,
+        clustering: Kmeans {
+            k: p.positive("k", 100)?,
+            iterations: p.positive("iterations", 20)?,
+            // One k-means++ start, as scikit-learn's n_init="auto" and faiss do; linfa's
+            // default of 10 costs ten times as much.
+            restarts: p.positive("restarts", 1)?,
+        },
         standardize: p.get("standardize", false, "true or false")?,
         budget,
         mode: p.get("mode", Mode::Pairs, "pairs or per-instruction")?,
@@ -123,10 +128,10 @@ impl Selector for S2l {
             Mode::Pairs => members.len(),
             Mode::PerInstruction => with_members,
         };
-        if self.clusters > members.len() {
+        if self.clustering.k > members.len() {
             return Err(Error::Invalid(format!(
                 "selector `s2l`: k = {} clusters but only {} candidates have trajectories",
-                self.clusters,
+                self.clustering.k,
                 members.len()
             )));
         }
@@ -139,14 +144,14 @@ impl Selector for S2l {
         if self.standardize {
             standardize(&mut features, t.steps.len());
         }
-        let labels = kmeans(&features, t.steps.len(), self.clusters, self.iterations, input.seed)?;
+        let labels = kmeans(&features, t.steps.len(), self.clustering, input.seed)?;
         let instruction_of: Vec<usize> = members.iter().map(|m| m.0).collect();
         let one_per = (self.mode == Mode::PerInstruction).then_some(instruction_of.as_slice());
-        let drawn = balanced_sample(&labels, self.clusters, budget, one_per, input.seed);
+        let drawn = balanced_sample(&labels, self.clustering.k, budget, one_per, input.seed);
 
-        let mut sizes = vec![0usize; self.clusters];
+        let mut sizes = vec![0usize; self.clustering.k];
         labels.iter().for_each(|&c| sizes[c] += 1);
-        let mut taken = vec![0usize; self.clusters];
+        let mut taken = vec![0usize; self.clustering.k];
         drawn.iter().for_each(|&(_, c)| taken[c] += 1);
         let picks = drawn
             .iter()
@@ -155,11 +160,11 @@ impl Selector for S2l {
                 candidate: members[m].1,
                 score: None,
                 cluster: Some(c),
-                why: format!("cluster {c} of {}: {} of its {} candidates taken", self.clusters, taken[c], sizes[c]),
+                why: format!("cluster {c} of {}: {} of its {} candidates taken", self.clustering.k, taken[c], sizes[c]),
             })
             .collect();
         let report = serde_json::json!({
-            "clusters": self.clusters,
+            "clusters": self.clustering.k,
             "steps": t.steps,
             "cluster_sizes": sizes,
             "picks_per_cluster": taken,
@@ -184,15 +189,27 @@ fn standardize(features: &mut [f64], dims: usize) {
     }
 }
 
+/// k-means settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kmeans {
+    pub k: usize,
+    /// Lloyd iterations at most, per start.
+    pub iterations: usize,
+    /// Starts from fresh k-means++ seeds; the one of least inertia is kept.
+    pub restarts: usize,
+}
+
 /// Seeded k-means (k-means++ initialisation, Euclidean); one cluster label per row of
 /// `features` (row-major, `dims` columns).
-pub fn kmeans(features: &[f64], dims: usize, k: usize, iterations: usize, seed: u64) -> Result<Vec<usize>> {
+pub fn kmeans(features: &[f64], dims: usize, settings: Kmeans, seed: u64) -> Result<Vec<usize>> {
+    let Kmeans { k, iterations, restarts } = settings;
     let rows = features.len() / dims.max(1);
     let records = Array2::from_shape_vec((rows, dims), features.to_vec())
         .map_err(|e| Error::Invalid(format!("s2l: trajectories are not a table: {e}")))?;
     let dataset = DatasetBase::from(records.clone());
     let model = KMeans::params_with_rng(k, Xoshiro256Plus::seed_from_u64(seed))
         .max_n_iterations(iterations as u64)
+        .n_runs(restarts)
         .tolerance(1e-6)
         .fit(&dataset)
         .map_err(|e| Error::Invalid(format!("s2l: k-means failed: {e}")))?;
@@ -319,10 +336,10 @@ mod tests {
     #[test]
     fn kmeans_recovers_well_separated_groups() {
         let (features, truth) = synthetic(5, 40, 8, 3);
-        let labels = kmeans(&features, 8, 5, 20, 7).unwrap();
+        let labels = kmeans(&features, 8, Kmeans { k: 5, iterations: 20, restarts: 1 }, 7).unwrap();
         let ari = adjusted_rand_index(&labels, &truth);
         assert!(ari > 0.9, "adjusted Rand index {ari}");
-        assert_eq!(labels, kmeans(&features, 8, 5, 20, 7).unwrap(), "seeded");
+        assert_eq!(labels, kmeans(&features, 8, Kmeans { k: 5, iterations: 20, restarts: 1 }, 7).unwrap(), "seeded");
     }
 
     #[test]
