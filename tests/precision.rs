@@ -68,6 +68,8 @@ fn bf16_scores_agree_with_f32_on_the_cpu() {
         return;
     };
     assert_agree(&mean_logprobs(&f32_model), &mean_logprobs(&bf16_model), BF16_TOLERANCE, "cpu bf16");
+    // bf16 scores are stored apart from f32 ones.
+    assert_ne!(f32_model.fingerprint().unwrap(), bf16_model.fingerprint().unwrap());
 }
 
 #[cfg(feature = "cuda")]

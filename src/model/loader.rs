@@ -137,6 +137,9 @@ pub struct LoadedModel {
     pub tensors: Option<TensorMap>,
     /// Where the decoder's weights live (inputs must be created there).
     pub device: Device,
+    /// The precision the decoder computes in; part of the fingerprint unless f32, since
+    /// bf16 scores differ from f32 ones in their last digits.
+    pub dtype: DType,
     /// sha256 of the weight files (a built-in's pinned hash); `None` when only inspected.
     /// Whoever swaps in other weights must set it, or scores would be stored under the
     /// old model's fingerprint.
@@ -173,11 +176,14 @@ impl LoadedModel {
             .weights_sha256
             .as_deref()
             .ok_or_else(|| Error::Invalid(format!("model `{}` has no weights to fingerprint", self.name)))?;
-        let text = format!(
+        let mut text = format!(
             "weights {weights}\ntokenizer {}\ntemplate {}\n",
             self.tokenizer.digest()?,
             self.template.digest()
         );
+        if self.dtype != DType::F32 {
+            text += &format!("dtype {:?}\n", self.dtype);
+        }
         Ok(crate::util::sha256_bytes(text.as_bytes()))
     }
 }
@@ -190,6 +196,7 @@ pub fn load(name_or_path: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let path = model.files.weights.clone();
     model.decoder = Some(Decoder::from_tensors(&model.config, tensors, options.dtype, &options.device, &path)?);
     model.device = options.device.clone();
+    model.dtype = options.dtype;
     Ok(model)
 }
 
@@ -216,6 +223,7 @@ pub fn inspect(name_or_path: &str, template: Option<&str>) -> Result<LoadedModel
 pub fn inspect_fingerprinted(name_or_path: &str, template: Option<&str>) -> Result<LoadedModel> {
     let mut model = read(name_or_path, template, false)?;
     model.weights_sha256 = Some(weights_digest(&model.files)?);
+    model.dtype = Placement::current().dtype;
     Ok(model)
 }
 
@@ -271,6 +279,7 @@ fn read(name_or_path: &str, template_choice: Option<&str>, with_weights: bool) -
         decoder: None,
         tensors,
         device: Device::Cpu,
+        dtype: DType::F32,
         weights_sha256,
     })
 }
