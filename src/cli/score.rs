@@ -91,7 +91,8 @@ pub struct MergeArgs {
 
 #[derive(Debug, Args)]
 pub struct SelectArgs {
-    /// A registered selector: grape, lowest, random, strongest or upscale.
+    /// A registered selector (grape, lowest, random, strongest, upscale, s2l, longest, all;
+    /// an unknown name lists them).
     #[arg(long)]
     selector: String,
     /// Selector parameter, KEY=VALUE (repeatable).
