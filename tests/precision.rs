@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device};
 use grape_harness::model::{self, LoadOptions, LoadedModel};
-use grape_harness::score::{self, Group, ScoreOptions};
+use grape_harness::score::{self, ScoreOptions};
 
 /// Largest gap allowed in a candidate's mean log-probability per response token (nats),
 /// bf16 weights and activations against f32. bf16 keeps 8 bits of mantissa, so logits
@@ -27,29 +27,10 @@ fn stories(device: &Device, dtype: DType) -> Option<LoadedModel> {
     Some(model::load("stories260k", &LoadOptions { device: device.clone(), dtype, template: None }).unwrap())
 }
 
-fn groups() -> Vec<Group> {
-    let g = |prompt: &str, responses: &[&str]| Group {
-        prompt: prompt.into(),
-        responses: responses.iter().map(|r| r.to_string()).collect(),
-    };
-    vec![
-        g("Tell me a story about a cat.", &[
-            "Once upon a time, there was a cat named Tom. Tom liked to play with a red ball.",
-            "The cat sat on the mat and was happy.",
-            "Meow.",
-        ]),
-        g("What did Lily find in the park?", &[
-            "Lily found a big shiny rock in the park.",
-            "She found a little bird that could not fly, so she took it home and gave it water.",
-        ]),
-        g("Say something kind.", &["You are a good friend.", "I love you, mom."]),
-    ]
-}
-
 /// Mean log-probability per response token of every candidate, in order.
 fn mean_logprobs(m: &LoadedModel) -> Vec<f64> {
     let options = ScoreOptions { batch_tokens: 256, ..ScoreOptions::default() };
-    let scores = score::score(m, &groups(), &options).unwrap();
+    let scores = score::score(m, &common::story_groups(), &options).unwrap();
     scores.into_iter().flatten().map(|s| s.unwrap()).map(|s| s.sum_logprob / s.n_tokens as f64).collect()
 }
 

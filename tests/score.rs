@@ -6,26 +6,9 @@ use grape_harness::model::{self, weights, Decoder, LoadedModel, ModelConfig};
 use grape_harness::score::{self, Group, Overflow, ScoreOptions};
 use std::path::Path;
 
-fn groups() -> Vec<Group> {
-    let g = |prompt: &str, responses: &[&str]| Group {
-        prompt: prompt.into(),
-        responses: responses.iter().map(|r| r.to_string()).collect(),
-    };
-    vec![
-        g("Tell me a story about a cat.", &[
-            "Once upon a time, there was a cat named Tom.",
-            "The cat sat on the mat and was happy.",
-            "Tom liked to play with a red ball. One day the ball rolled away and Tom ran after it.",
-            "Meow.",
-        ]),
-        g("What did Lily find in the park?", &[
-            "Lily found a big shiny rock in the park.",
-            "She found a little bird that could not fly, so she took it home and gave it water.",
-        ]),
-        g("Why was the sun sad?", &["The sun was sad because the clouds hid it all day."]),
-        g("Say something kind.", &["You are a good friend.", "Thank you for helping me today!", "I love you, mom."]),
-    ]
-}
+mod common;
+
+use common::story_groups as groups;
 
 /// stories260K's tokenizer and plain template around `decoder`.
 fn with_decoder(config: Option<serde_json::Value>) -> Option<LoadedModel> {

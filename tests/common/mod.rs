@@ -38,3 +38,27 @@ pub fn one_error_line(out: &Output) -> String {
     assert_eq!(errors.len(), 1, "expected one error line: {stderr}");
     errors[0].to_string()
 }
+
+/// A few instructions with story-like candidates (stories260K knows the words): one to
+/// four responses each, short and long.
+pub fn story_groups() -> Vec<grape_harness::score::Group> {
+    let g = |prompt: &str, responses: &[&str]| grape_harness::score::Group {
+        prompt: prompt.into(),
+        responses: responses.iter().map(|r| r.to_string()).collect(),
+    };
+    vec![
+        g("Tell me a story about a cat.", &[
+            "Once upon a time, there was a cat named Tom.",
+            "The cat sat on the mat and was happy.",
+            "Tom liked to play with a red ball. One day the ball rolled away and Tom ran after it.",
+            "Meow.",
+        ]),
+        g("What did Lily find in the park?", &[
+            "Lily found a big shiny rock in the park.",
+            "She found a little bird that could not fly, so she took it home and gave it water.",
+        ]),
+        g("Why was the sun sad?", &["The sun was sad because the clouds hid it all day."]),
+        g("Say something kind.", &["You are a good friend.", "Thank you for helping me today!", "I love you, mom."]),
+    ]
+}
+
