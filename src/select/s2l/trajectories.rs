@@ -104,14 +104,19 @@ pub fn compute(job: &Job) -> Result<Trajectories> {
         return read_table(&table, pool, cost);
     }
     let mut cost = reference.cost.clone();
+    let mut merged_shards = false;
     for (step, _) in &reference.snapshots {
         let store = losses_path(dir, *step, None);
         let parts = shard_parts(dir, *step)?;
         if !parts.is_empty() && !store.exists() {
             score::shard::merge(&parts, &store)?;
-            for part in &parts {
-                cost.score_seconds += read_cost(&part.with_extension("cost.json"))?.score_seconds;
-            }
+            merged_shards = true;
+        }
+    }
+    if merged_shards {
+        // Each shard's scoring time, once (it covers all of its snapshots).
+        for path in shard_costs(dir)? {
+            cost.score_seconds += read_cost(&path)?.score_seconds;
         }
     }
     let started = Instant::now();
@@ -161,16 +166,15 @@ pub fn compute_shard(job: &Job, shard: Shard) -> Result<(Vec<usize>, Cost)> {
     };
     cost.score_seconds = started.elapsed().as_secs_f64();
     let digest = pool.digest();
+    write_cost(&dir.join("losses").join(format!("shard-{}-of-{}.cost.json", shard.index, shard.count)), &cost)?;
     for (step, _) in &reference.snapshots {
-        let store = losses_path(dir, *step, Some(shard));
         let record = ShardRecord {
             shard,
             pool: digest.clone(),
             fingerprint: reference.snapshot_fingerprint(*step),
             instructions: part.instructions.len(),
         };
-        write_cost(&store.with_extension("cost.json"), &cost)?;
-        score::shard::write_record(&store, &record)?;
+        score::shard::write_record(&losses_path(dir, *step, Some(shard)), &record)?;
     }
     Ok((reference.snapshots.iter().map(|(s, _)| *s).collect(), cost))
 }
@@ -321,20 +325,28 @@ fn losses_path(dir: &Path, step: usize, shard: Option<Shard>) -> PathBuf {
     dir.join("losses").join(name)
 }
 
-/// The finished shard stores of snapshot `step` (those whose shard record was written).
+/// The shard stores of snapshot `step` (merging refuses those whose shard record is missing).
 fn shard_parts(dir: &Path, step: usize) -> Result<Vec<PathBuf>> {
-    let losses = dir.join("losses");
-    let Ok(entries) = std::fs::read_dir(&losses) else { return Ok(Vec::new()) };
-    let prefix = format!("step-{step:08}.shard-");
-    let mut parts: Vec<PathBuf> = entries
+    losses_named(dir, &format!("step-{step:08}.shard-"), ".parquet")
+}
+
+/// The cost records the shards wrote, one per shard.
+fn shard_costs(dir: &Path) -> Result<Vec<PathBuf>> {
+    losses_named(dir, "shard-", ".cost.json")
+}
+
+/// Files of the `losses` folder whose names start and end as given, sorted.
+fn losses_named(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir.join("losses")) else { return Ok(Vec::new()) };
+    let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with(&prefix) && name.ends_with(".parquet")
+            name.starts_with(prefix) && name.ends_with(suffix)
         })
         .collect();
-    parts.sort();
-    Ok(parts)
+    found.sort();
+    Ok(found)
 }
 
 fn write_cost(path: &Path, cost: &Cost) -> Result<()> {
