@@ -459,40 +459,42 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Vec<BenchmarkMetrics>> {
         covers.push((part.clone(), record.shard, record.run));
     }
     crate::shard::check_cover(&covers)?;
-    // Benchmarks in the parts' order, each with its records and its parts' metrics.
-    let mut benchmarks: Vec<(String, Vec<ItemRecord>, Vec<BenchmarkMetrics>)> = Vec::new();
+    // Benchmarks in the order the parts list them (metrics.json keeps it), each with its
+    // metric, the records of every part and the parts' seconds summed.
+    let mut benchmarks: Vec<(BenchmarkMetrics, Vec<ItemRecord>)> = Vec::new();
     for part in parts {
         let metrics_path = part.join("metrics.json");
         let text = std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-        let metrics: BTreeMap<String, BenchmarkMetrics> =
+        let metrics: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| Error::format(&metrics_path, format!("not eval metrics: {e}")))?;
+        for value in metrics.into_values() {
+            let m: BenchmarkMetrics = serde_json::from_value(value)
+                .map_err(|e| Error::format(&metrics_path, format!("not eval metrics: {e}")))?;
+            match benchmarks.iter_mut().find(|(b, _)| b.benchmark == m.benchmark) {
+                Some((sum, _)) => {
+                    sum.generation_seconds = sum.generation_seconds.zip(m.generation_seconds).map(|(a, b)| a + b);
+                    sum.grading_seconds += m.grading_seconds;
+                }
+                None => benchmarks.push((m, Vec::new())),
+            }
+        }
         let items_path = part.join("items.jsonl");
         let text = std::fs::read_to_string(&items_path).map_err(|e| Error::io(&items_path, e))?;
         for (n, line) in text.lines().enumerate() {
-            let record: ItemRecord = serde_json::from_str(line)
-                .map_err(|e| Error::format(&items_path, format!("line {}: not an item record: {e}", n + 1)))?;
-            match benchmarks.iter_mut().find(|(name, _, _)| *name == record.benchmark) {
-                Some((_, records, _)) => records.push(record),
-                None => benchmarks.push((record.benchmark.clone(), vec![record], Vec::new())),
-            }
-        }
-        for (name, m) in metrics {
-            match benchmarks.iter_mut().find(|(b, _, _)| *b == name) {
-                Some((_, _, parts)) => parts.push(m),
-                None => benchmarks.push((name, Vec::new(), vec![m])),
-            }
+            let at = |what: String| Error::format(&items_path, format!("line {}: {what}", n + 1));
+            let record: ItemRecord = serde_json::from_str(line).map_err(|e| at(format!("not an item record: {e}")))?;
+            let (_, records) = benchmarks
+                .iter_mut()
+                .find(|(b, _)| b.benchmark == record.benchmark)
+                .ok_or_else(|| at(format!("benchmark `{}` is not in metrics.json", record.benchmark)))?;
+            records.push(record);
         }
     }
     let merged: Vec<BenchmarkMetrics> = benchmarks
         .iter()
-        .map(|(name, records, part_metrics)| {
-            let generation: Option<f64> = part_metrics.iter().map(|m| m.generation_seconds).sum();
-            let grading = part_metrics.iter().map(|m| m.grading_seconds).sum();
-            let metric = part_metrics.first().map_or("accuracy", |m| m.metric.as_str());
-            summarize(name, metric, records, seed, generation, grading)
-        })
+        .map(|(m, records)| summarize(&m.benchmark, &m.metric, records, seed, m.generation_seconds, m.grading_seconds))
         .collect();
-    let records_of: Vec<Vec<ItemRecord>> = benchmarks.into_iter().map(|(_, records, _)| records).collect();
+    let records_of: Vec<Vec<ItemRecord>> = benchmarks.into_iter().map(|(_, records)| records).collect();
     write_results(out, &records_of, &merged)?;
     Ok(merged)
 }
