@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use grape_harness::eval::{self, benchmark, sandbox, Answers, BenchmarkMetrics, EvalOptions};
+use super::score::MergeArgs;
 use grape_harness::shard::Shard;
 use grape_harness::{model, pool};
 use std::path::PathBuf;
@@ -66,16 +67,6 @@ pub struct EvalArgs {
     /// `harness merge-eval` joins the N output folders.
     #[arg(long, value_name = "i/N")]
     shard: Option<Shard>,
-}
-
-#[derive(Debug, Args)]
-pub struct MergeArgs {
-    /// Writes the merged metrics.json and items.jsonl here.
-    #[arg(long)]
-    out: PathBuf,
-    /// The output folders of `harness eval --shard i/N`, one per shard.
-    #[arg(required = true)]
-    parts: Vec<PathBuf>,
 }
 
 pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {

@@ -47,7 +47,7 @@ pub enum Command {
     /// Evaluate a model (or given completions) on benchmarks: pass@1 and accuracy.
     Eval(eval::EvalArgs),
     /// Join the output folders of `harness eval --shard i/N` (all N, once each) into one.
-    MergeEval(eval::MergeArgs),
+    MergeEval(score::MergeArgs),
     /// Describe a pool, its scores and selections.
     #[command(subcommand)]
     Pool(pool::PoolCommand),

@@ -79,14 +79,16 @@ pub struct ScoreArgs {
     shard: Option<Shard>,
 }
 
+/// `merge-scores` and `merge-eval`: the outputs of `--shard i/N` runs, joined.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The merged store (Parquet); scores already there are kept.
+    /// The merged result: a score store (scores already there are kept), or a folder for
+    /// metrics.json and items.jsonl.
     #[arg(long)]
-    out: PathBuf,
-    /// The stores `harness score --shard i/N` wrote, one per shard.
+    pub out: PathBuf,
+    /// What the `--shard i/N` runs wrote (stores or output folders), one per shard.
     #[arg(required = true)]
-    parts: Vec<PathBuf>,
+    pub parts: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
