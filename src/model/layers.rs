@@ -25,10 +25,10 @@ pub(crate) fn at_least_f32(t: &Tensor) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    pub(super) weight: Tensor,
+    pub(super) eps: f64,
     /// Gemma stores `w` and scales by `1 + w`.
-    unit_offset: bool,
+    pub(super) unit_offset: bool,
 }
 
 impl RmsNorm {
@@ -144,8 +144,8 @@ fn scaled_frequency(freq: f64, scaling: Option<&RopeScaling>) -> f64 {
 }
 
 pub struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
 }
 
 impl RopeTables {
@@ -402,22 +402,22 @@ impl Step {
 }
 
 /// Query rows attended together; see `Attention::forward`.
-const QUERY_BLOCK: usize = 128;
+pub(super) const QUERY_BLOCK: usize = 128;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) o_proj: Linear,
     /// Gemma 3 normalises each query and key head.
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    softcap: Option<f64>,
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) scale: f64,
+    pub(super) softcap: Option<f64>,
 }
 
 impl Attention {
@@ -542,10 +542,10 @@ pub fn embedding_and_head(vb: &VarBuilder, cfg: &ModelConfig) -> Result<(Embeddi
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    activation: Activation,
+    pub(super) gate_proj: Linear,
+    pub(super) up_proj: Linear,
+    pub(super) down_proj: Linear,
+    pub(super) activation: Activation,
 }
 
 impl Mlp {

@@ -2,6 +2,7 @@
 //! attention) and Qwen2 (biased q/k/v projections). They differ only in switches that
 //! `ModelConfig` carries, so one implementation serves all of them.
 
+use super::backward::{head_loss_and_grad, GradientSums, Gradients};
 use super::config::ModelConfig;
 use super::layers::{embedding_and_head, Attention, KvCache, Mlp, Mode, RmsNorm, Rope, Step};
 use candle_core::{Module, Result, Tensor};
@@ -92,6 +93,59 @@ impl Model {
             step.commit(cache);
         }
         self.norm.forward(&x, mode)
+    }
+
+    /// Whether `loss_and_grads_by_hand` covers this model: f32 weights on the CPU, where
+    /// its kernels run, and no Gemma-style norms or caps.
+    pub fn backward_by_hand_applies(&self) -> bool {
+        let weights = self.embed_tokens.embeddings();
+        weights.device().is_cpu()
+            && weights.dtype() == candle_core::DType::F32
+            && self.layers.iter().all(|l| l.self_attn.plain() && l.mlp.plain())
+    }
+
+    /// Σ weight · log p(target) at flat positions `rows` of a right-padded batch, and its
+    /// gradient with respect to every weight, by the hand-written backward pass of
+    /// `backward.rs`: the same numbers as `forward(.., Mode::Train)` and autograd.
+    pub fn loss_and_grads_by_hand(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        rows: &[u32],
+        targets: &[u32],
+        weight: f64,
+    ) -> Result<(f64, Gradients)> {
+        let (b, t) = input_ids.dims2()?;
+        let embeddings = self.embed_tokens.embeddings();
+        let ids = input_ids.flatten_all()?;
+        let mut x = embeddings.detach().index_select(&ids, 0)?;
+        let step = Step::new(b, t, lengths, None, self.sliding_window, x.dtype(), x.device())?;
+        let rope = self.rope.select(&step.positions)?;
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward_detached(&x)?;
+            let mask = step.mask_for(layer.sliding);
+            let (attention, attention_saved) = layer.self_attn.forward_saving(&h, (b, t), &rope, mask)?;
+            let mid = (&x + attention)?;
+            let (mlp, mlp_saved) = layer.mlp.forward_saving(&layer.post_attention_layernorm.forward_detached(&mid)?)?;
+            let out = (&mid + mlp)?;
+            saved.push((std::mem::replace(&mut x, out), attention_saved, mid, mlp_saved));
+        }
+        let mut grads = GradientSums::default();
+        let hidden = self.norm.forward_detached(&x)?;
+        let (loss, d_hidden) = head_loss_and_grad(&hidden, &self.lm_head, rows, targets, weight, &mut grads)?;
+        drop(hidden);
+        let mut dx = self.norm.backward(&x, &d_hidden, &mut grads)?;
+        for (layer, (x, attention_saved, mid, mlp_saved)) in self.layers.iter().zip(saved).rev() {
+            let h = layer.post_attention_layernorm.forward_detached(&mid)?;
+            let dh = layer.mlp.backward(&h, mlp_saved, &dx, &mut grads)?;
+            let d_mid = (dx + layer.post_attention_layernorm.backward(&mid, &dh, &mut grads)?)?;
+            let h = layer.input_layernorm.forward_detached(&x)?;
+            let dh = layer.self_attn.backward(&h, attention_saved, &d_mid, (b, t), &rope, &mut grads)?;
+            dx = (d_mid + layer.input_layernorm.backward(&x, &dh, &mut grads)?)?;
+        }
+        grads.add(embeddings, embeddings.zeros_like()?.index_add(&ids, &dx, 0)?)?;
+        Ok((loss, grads.done()))
     }
 
     pub fn vocab_size(&self) -> Result<usize> {

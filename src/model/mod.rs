@@ -4,6 +4,7 @@
 //! training need hidden states at every position, the output projection only where asked,
 //! and a differentiable path (see DESIGN.md, "Why our own decoder").
 
+pub mod backward;
 pub mod chat;
 pub mod config;
 pub mod gemma3;
@@ -101,6 +102,41 @@ impl Decoder {
             Decoder::Llama(m) => m.project(hidden)?,
             Decoder::Gemma3(m) => m.project(hidden)?,
         })
+    }
+
+    /// Σ weight · log p(target) at flat positions `rows` of a right-padded batch, and the
+    /// gradient of that sum with respect to every weight. The Llama family on the CPU in f32
+    /// takes the hand-written backward pass (`backward.rs`); everything else takes candle's
+    /// autograd through `Mode::Train`.
+    pub fn loss_and_grads(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        rows: &[u32],
+        targets: &[u32],
+        weight: f64,
+    ) -> Result<(f64, backward::Gradients)> {
+        if let Decoder::Llama(m) = self {
+            if m.backward_by_hand_applies() {
+                return Ok(m.loss_and_grads_by_hand(input_ids, lengths, rows, targets, weight)?);
+            }
+        }
+        self.loss_and_grads_by_autograd(input_ids, lengths, rows, targets, weight)
+    }
+
+    /// `loss_and_grads` through candle's autograd, for any model, device and dtype.
+    pub fn loss_and_grads_by_autograd(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        rows: &[u32],
+        targets: &[u32],
+        weight: f64,
+    ) -> Result<(f64, backward::Gradients)> {
+        let hidden = self.forward(input_ids, lengths, None, Mode::Train)?;
+        let loss = (self.target_logprobs(&hidden, rows, targets)?.sum_all()? * weight)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((value, backward::Gradients::Autograd(loss.backward()?)))
     }
 
     /// Rows of the output projection.

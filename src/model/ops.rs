@@ -92,12 +92,40 @@ impl CustomOp3 for AttentionProbs {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gy = (grad * y)?;
-        let dot = gy.sum_keepdim(D::Minus1)?;
-        let d_scores = (gy - y.broadcast_mul(&dot)?)?.reshape((q.dim(0)?, q.dim(1)?, q.dim(2)?, k.dim(2)?))?;
+        let d_scores = softmax_grad(y, grad)?.reshape((q.dim(0)?, q.dim(1)?, q.dim(2)?, k.dim(2)?))?;
         let d_q = d_scores.matmul(&k.contiguous()?)?;
         let d_k = d_scores.t()?.matmul(q)?;
         Ok((Some(d_q), Some(d_k), None))
+    }
+}
+
+/// d x = y ⊙ (g − Σ g ⊙ y) over the last axis, for y = softmax(x): one pass per row, where
+/// the composition takes four.
+pub(super) fn softmax_grad(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)
+}
+
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "train-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, grad) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        if l1.shape() != l2.shape() {
+            bail!("{}: probabilities {:?} against gradient {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        let keys = l1.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(keys).zip(y.par_chunks(keys).zip(grad.par_chunks(keys))).for_each(|(out, (y, g))| {
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -144,13 +172,78 @@ impl CustomOp2 for RmsNorm {
     /// With r = (mean(x²) + eps)^-½ and gα = g ⊙ α: dx = r·gα − x·r³·mean(gα ⊙ x),
     /// dα = Σ over rows of g ⊙ x·r.
     fn bwd(&self, x: &Tensor, alpha: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let g_alpha = grad.broadcast_mul(alpha)?;
-        let dot = (&g_alpha * x)?.mean_keepdim(D::Minus1)?;
-        let dx = (g_alpha.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
-        let dim = alpha.dim(0)?;
-        let d_alpha = (grad * x.broadcast_mul(&r)?)?.reshape(((), dim))?.sum(0)?;
+        let (dx, d_alpha) = rms_norm_grads(x, alpha, grad, self.eps)?;
         Ok((Some(dx), Some(d_alpha)))
+    }
+}
+
+/// The gradients of `rms_norm(x, alpha, eps)` with respect to `x` and `alpha`.
+pub(super) fn rms_norm_grads(x: &Tensor, alpha: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (x, alpha, grad) = (x.contiguous()?, alpha.contiguous()?, grad.contiguous()?);
+    let gradient = |wrt_input| x.apply_op3_no_bwd(&alpha, &grad, &RmsNormGrad { eps, wrt_input });
+    Ok((gradient(true)?, gradient(false)?))
+}
+
+/// Rows whose weight-gradient contributions are summed together before the partial sums
+/// are added in order, so the result does not depend on how rayon splits the work.
+const ROWS_PER_PARTIAL_SUM: usize = 64;
+
+struct RmsNormGrad {
+    eps: f64,
+    wrt_input: bool,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "train-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, alpha, grad) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let dim = alpha.len().max(1);
+        if l1.shape() != l3.shape() || l1.dims().last() != Some(&alpha.len()) {
+            bail!("{}: input {:?}, weight {:?}, gradient {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        let eps = self.eps as f32;
+        let inv_rms = |x: &[f32]| 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / dim as f32 + eps).sqrt();
+        if self.wrt_input {
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(dim).zip(x.par_chunks(dim).zip(grad.par_chunks(dim))).for_each(|(dx, (x, g))| {
+                let r = inv_rms(x);
+                let dot = x.iter().zip(g).zip(alpha).map(|((x, g), a)| g * a * x).sum::<f32>() / dim as f32;
+                let c = r * r * r * dot;
+                for (((o, &x), &g), &a) in dx.iter_mut().zip(x).zip(g).zip(alpha) {
+                    *o = r * g * a - x * c;
+                }
+            });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
+        let chunk = ROWS_PER_PARTIAL_SUM * dim;
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(chunk)
+            .zip(grad.par_chunks(chunk))
+            .map(|(x, g)| {
+                let mut sum = vec![0f32; dim];
+                for (x, g) in x.chunks(dim).zip(g.chunks(dim)) {
+                    let r = inv_rms(x);
+                    sum.iter_mut().zip(x).zip(g).for_each(|((s, x), g)| *s += g * x * r);
+                }
+                sum
+            })
+            .collect();
+        let mut d_alpha = vec![0f32; dim];
+        for partial in &partials {
+            d_alpha.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+        }
+        Ok((CpuStorage::F32(d_alpha), l2.shape().clone()))
     }
 }
 
@@ -212,7 +305,6 @@ impl CustomOp3 for Rope {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// A rotation's gradient is the opposite rotation: rope with −sin.
     fn bwd(
         &self,
         _x: &Tensor,
@@ -221,9 +313,13 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
-        Ok((Some(dx), None, None))
+        Ok((Some(rope_grad(grad, cos, sin)?), None, None))
     }
+}
+
+/// A rotation's gradient is the opposite rotation: rope with −sin.
+pub(super) fn rope_grad(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    grad.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.neg()?.contiguous()?, &Rope)
 }
 
 /// silu(gate) ⊙ up, the gated MLP's middle, keeping only `gate` and `up` for the backward.
@@ -253,18 +349,22 @@ impl CustomOp2 for SiluMul {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// d up = g ⊙ silu(gate); d gate = g ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate))).
+    /// d up = g ⊙ silu(gate); d gate = g ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate))), both from
+    /// one pass that returns them stacked.
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
-        let d_gate = gate.apply_op3_no_bwd(&up, &grad, &SiluMulGrad { wrt_gate: true })?;
-        let d_up = gate.apply_op3_no_bwd(&up, &grad, &SiluMulGrad { wrt_gate: false })?;
+        let (d_gate, d_up) = silu_mul_grads(gate, up, grad)?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
 
-struct SiluMulGrad {
-    wrt_gate: bool,
+/// The gradients of `silu_mul(gate, up)` with respect to `gate` and `up`.
+pub(super) fn silu_mul_grads(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
+    let both = gate.apply_op3_no_bwd(&up, &grad, &SiluMulGrad)?;
+    Ok((both.get(0)?, both.get(1)?))
 }
+
+struct SiluMulGrad;
 
 impl CustomOp3 for SiluMulGrad {
     fn name(&self) -> &'static str {
@@ -281,18 +381,27 @@ impl CustomOp3 for SiluMulGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (gate, up, grad) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
-        let out: Vec<f32> = if self.wrt_gate {
-            (gate, up, grad)
-                .into_par_iter()
-                .map(|(&x, &u, &g)| {
-                    let s = sigmoid(x);
-                    g * u * s * (1.0 + x * (1.0 - s))
-                })
-                .collect()
-        } else {
-            gate.par_iter().zip(grad.par_iter()).map(|(&x, &g)| g * x * sigmoid(x)).collect()
-        };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            bail!("{}: gate {:?}, up {:?}, gradient {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        const CHUNK: usize = 4096;
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(grad.par_chunks(CHUNK)))
+            .for_each(|((d_gate, d_up), ((gate, up), grad))| {
+                for i in 0..gate.len() {
+                    let (x, s, g) = (gate[i], sigmoid(gate[i]), grad[i]);
+                    d_gate[i] = g * up[i] * s * (1.0 + x * (1.0 - s));
+                    d_up[i] = g * x * s;
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -349,10 +458,14 @@ impl CustomOp2 for LogSoftmaxAt {
 
     /// d logits = g · (onehot(target) − softmax(logits)), one pass over the logits.
     fn bwd(&self, logits: &Tensor, targets: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_and_value = Tensor::stack(&[grad, y], 1)?.contiguous()?;
-        let d_logits = logits.apply_op3_no_bwd(targets, &grad_and_value, &LogSoftmaxAtGrad)?;
-        Ok((Some(d_logits), None))
+        Ok((Some(log_softmax_at_grad(logits, targets, y, grad)?), None))
     }
+}
+
+/// The gradient of `value = log_softmax_at(logits, targets)` for the upstream `grad`.
+pub(super) fn log_softmax_at_grad(logits: &Tensor, targets: &Tensor, value: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let grad_and_value = Tensor::stack(&[grad, value], 1)?.contiguous()?;
+    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &grad_and_value, &LogSoftmaxAtGrad)
 }
 
 struct LogSoftmaxAtGrad;

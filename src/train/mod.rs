@@ -11,7 +11,7 @@ pub mod data;
 pub mod export;
 pub mod optim;
 
-use crate::model::{EncodedPair, LoadedModel, Mode};
+use crate::model::{EncodedPair, LoadedModel};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -267,11 +267,9 @@ pub fn loss_and_grads(
     let mut loss = 0.0;
     for batch in micro_batches {
         let (x, lengths, rows, targets) = batch_tensors(batch, &model.device)?;
-        let hidden = decoder.forward(&x, &lengths, None, Mode::Train)?;
-        let logprobs = decoder.target_logprobs(&hidden, &rows, &targets)?;
-        let batch_loss = (logprobs.sum_all()? * (-1.0 / response_tokens.max(1) as f64))?;
-        loss += batch_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = batch_loss.backward()?;
+        let weight = -1.0 / response_tokens.max(1) as f64;
+        let (batch_loss, store) = decoder.loss_and_grads(&x, &lengths, &rows, &targets, weight)?;
+        loss += batch_loss;
         for (name, var) in vars {
             if let Some(g) = store.get(var.as_tensor()) {
                 // Detached: a gradient that still referenced the forward graph would keep
