@@ -175,6 +175,8 @@ pub struct TrainingThroughput {
     pub batch: usize,
     pub seq_len: usize,
     pub steps: usize,
+    /// "by hand" (`model/backward.rs`) or "autograd" (candle's).
+    pub backward: &'static str,
     pub seconds_per_step: f64,
     /// Of `seconds_per_step`, the AdamW update (gradient norm, clipping, moments, weights).
     pub optimizer_seconds_per_step: f64,
@@ -188,7 +190,8 @@ impl std::fmt::Display for TrainingThroughput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "training step (AdamW, f32) {:>3}x{:<5} {:>8.3} s/step (AdamW {:.3} s) {:>7.1} tokens/s {:>6.1} GFLOP/s  peak {} MiB",
+            "training step (AdamW, f32, backward {}) {:>3}x{:<5} {:>8.3} s/step (AdamW {:.3} s) {:>7.1} tokens/s {:>6.1} GFLOP/s  peak {} MiB",
+            self.backward,
             self.batch,
             self.seq_len,
             self.seconds_per_step,
@@ -241,6 +244,7 @@ pub fn training(
         batch,
         seq_len,
         steps,
+        backward: if model.decoder()?.backward_by_hand() { "by hand" } else { "autograd" },
         seconds_per_step: seconds,
         optimizer_seconds_per_step: optimizer_seconds / steps as f64,
         tokens_per_second: tokens / seconds,

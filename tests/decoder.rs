@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use grape_harness::model::weights;
-use grape_harness::model::{Decoder, KvCache, ModelConfig, Mode};
+use grape_harness::model::{Decoder, KvCache, ModelConfig, Mode, TrainingBatch};
 use serde_json::json;
 use std::path::Path;
 
@@ -206,7 +206,7 @@ fn hand_written_backward_matches_autograd() {
     ];
     let long: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % 61).collect();
     let short: Vec<u32> = (0..170).map(|i| (i * 11 + 5) % 61).collect();
-    let (x, lengths) = ids(&[&long, &short]);
+    let (input_ids, lengths) = ids(&[&long, &short]);
     let width = long.len();
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
     for (b, row) in [&long, &short].into_iter().enumerate() {
@@ -216,6 +216,7 @@ fn hand_written_backward_matches_autograd() {
         }
     }
     let weight = -1.0 / rows.len() as f64;
+    let batch = TrainingBatch { input_ids, lengths, rows, targets };
     for (what, overrides) in variants {
         let mut json = json!({
             "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -228,8 +229,8 @@ fn hand_written_backward_matches_autograd() {
         let (model, vars) = Decoder::trainable(&cfg, tensors, DType::F32, &Device::Cpu, Path::new("random")).unwrap();
         let Decoder::Llama(llama) = &model else { panic!("{what}: not the Llama family") };
         assert!(llama.backward_by_hand_applies(), "{what}");
-        let (loss, by_hand) = llama.loss_and_grads_by_hand(&x, &lengths, &rows, &targets, weight).unwrap();
-        let (reference, autograd) = model.loss_and_grads_by_autograd(&x, &lengths, &rows, &targets, weight).unwrap();
+        let (loss, by_hand) = llama.loss_and_grads_by_hand(&batch, weight).unwrap();
+        let (reference, autograd) = model.loss_and_grads_by_autograd(&batch, weight).unwrap();
         assert!((loss - reference).abs() < 1e-5, "{what}: loss {loss} vs {reference}");
         for (name, var) in vars.data().lock().unwrap().iter() {
             let ours = by_hand.get(var).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));

@@ -180,10 +180,11 @@ fn add_prefix(sum: Option<Tensor>, part: Tensor, t: usize) -> Result<Tensor> {
     }
 }
 
-/// The gate and up projections, from which the backward recomputes the product.
+/// The gate and up projections and their gated product, which `down_proj`'s gradient reads.
 pub(super) struct MlpSaved {
     gate: Tensor,
     up: Tensor,
+    product: Tensor,
 }
 
 impl Mlp {
@@ -193,15 +194,17 @@ impl Mlp {
 
     pub(super) fn forward_saving(&self, h: &Tensor) -> Result<(Tensor, MlpSaved)> {
         let (gate, up) = (linear(h, &self.gate_proj)?, linear(h, &self.up_proj)?);
-        let out = linear(&ops::silu_mul(&gate, &up)?, &self.down_proj)?;
-        Ok((out, MlpSaved { gate, up }))
+        let product = ops::silu_mul_detached(&gate, &up)?;
+        let out = linear(&product, &self.down_proj)?;
+        Ok((out, MlpSaved { gate, up, product }))
     }
 
     pub(super) fn backward(&self, h: &Tensor, saved: MlpSaved, dy: &Tensor, grads: &mut GradientSums) -> Result<Tensor> {
-        let MlpSaved { gate, up } = saved;
-        let d_hidden = linear_backward(&ops::silu_mul(&gate, &up)?, dy, &self.down_proj, grads)?;
-        let (d_gate, d_up) = ops::silu_mul_grads(&gate, &up, &d_hidden)?;
-        drop((gate, up, d_hidden));
+        let MlpSaved { gate, up, product } = saved;
+        let d_product = linear_backward(&product, dy, &self.down_proj, grads)?;
+        drop(product);
+        let (d_gate, d_up) = ops::silu_mul_grads(&gate, &up, &d_product)?;
+        drop((gate, up, d_product));
         let dh = linear_backward(h, &d_gate, &self.gate_proj, grads)?;
         dh + linear_backward(h, &d_up, &self.up_proj, grads)?
     }

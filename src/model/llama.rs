@@ -5,6 +5,7 @@
 use super::backward::{head_loss_and_grad, GradientSums, Gradients};
 use super::config::ModelConfig;
 use super::layers::{embedding_and_head, Attention, KvCache, Mlp, Mode, RmsNorm, Rope, Step};
+use super::TrainingBatch;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -104,22 +105,15 @@ impl Model {
             && self.layers.iter().all(|l| l.self_attn.plain() && l.mlp.plain())
     }
 
-    /// Σ weight · log p(target) at flat positions `rows` of a right-padded batch, and its
-    /// gradient with respect to every weight, by the hand-written backward pass of
-    /// `backward.rs`: the same numbers as `forward(.., Mode::Train)` and autograd.
-    pub fn loss_and_grads_by_hand(
-        &self,
-        input_ids: &Tensor,
-        lengths: &[usize],
-        rows: &[u32],
-        targets: &[u32],
-        weight: f64,
-    ) -> Result<(f64, Gradients)> {
-        let (b, t) = input_ids.dims2()?;
+    /// Σ weight · log p(target) over a batch's targets and its gradient with respect to
+    /// every weight, by the hand-written backward pass of `backward.rs`: the same numbers as
+    /// `forward(.., Mode::Train)` and autograd.
+    pub fn loss_and_grads_by_hand(&self, batch: &TrainingBatch, weight: f64) -> Result<(f64, Gradients)> {
+        let (b, t) = batch.input_ids.dims2()?;
         let embeddings = self.embed_tokens.embeddings();
-        let ids = input_ids.flatten_all()?;
+        let ids = batch.input_ids.flatten_all()?;
         let mut x = embeddings.detach().index_select(&ids, 0)?;
-        let step = Step::new(b, t, lengths, None, self.sliding_window, x.dtype(), x.device())?;
+        let step = Step::new(b, t, &batch.lengths, None, self.sliding_window, x.dtype(), x.device())?;
         let rope = self.rope.select(&step.positions)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -133,7 +127,7 @@ impl Model {
         }
         let mut grads = GradientSums::default();
         let hidden = self.norm.forward_detached(&x)?;
-        let (loss, d_hidden) = head_loss_and_grad(&hidden, &self.lm_head, rows, targets, weight, &mut grads)?;
+        let (loss, d_hidden) = head_loss_and_grad(&hidden, &self.lm_head, &batch.rows, &batch.targets, weight, &mut grads)?;
         drop(hidden);
         let mut dx = self.norm.backward(&x, &d_hidden, &mut grads)?;
         for (layer, (x, attention_saved, mid, mlp_saved)) in self.layers.iter().zip(saved).rev() {

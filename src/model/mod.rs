@@ -30,6 +30,16 @@ use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 use weights::TensorMap;
 
+/// A right-padded batch of token ids (`lengths[b]` real tokens in row `b`) and what it is
+/// trained on: `targets[i]` is the token that follows flat position `rows[i]` (`b·T + t`).
+#[derive(Debug, Clone)]
+pub struct TrainingBatch {
+    pub input_ids: Tensor,
+    pub lengths: Vec<usize>,
+    pub rows: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub enum Decoder {
     Llama(llama::Model),
@@ -104,37 +114,26 @@ impl Decoder {
         })
     }
 
-    /// Σ weight · log p(target) at flat positions `rows` of a right-padded batch, and the
-    /// gradient of that sum with respect to every weight. The Llama family on the CPU in f32
-    /// takes the hand-written backward pass (`backward.rs`); everything else takes candle's
-    /// autograd through `Mode::Train`.
-    pub fn loss_and_grads(
-        &self,
-        input_ids: &Tensor,
-        lengths: &[usize],
-        rows: &[u32],
-        targets: &[u32],
-        weight: f64,
-    ) -> Result<(f64, backward::Gradients)> {
-        if let Decoder::Llama(m) = self {
-            if m.backward_by_hand_applies() {
-                return Ok(m.loss_and_grads_by_hand(input_ids, lengths, rows, targets, weight)?);
-            }
+    /// Σ weight · log p(target) over a batch's targets, and the gradient of that sum with
+    /// respect to every weight. The Llama family on the CPU in f32 takes the hand-written
+    /// backward pass (`backward.rs`); everything else takes candle's autograd through
+    /// `Mode::Train`.
+    pub fn loss_and_grads(&self, batch: &TrainingBatch, weight: f64) -> Result<(f64, backward::Gradients)> {
+        match self {
+            Decoder::Llama(m) if m.backward_by_hand_applies() => Ok(m.loss_and_grads_by_hand(batch, weight)?),
+            _ => self.loss_and_grads_by_autograd(batch, weight),
         }
-        self.loss_and_grads_by_autograd(input_ids, lengths, rows, targets, weight)
+    }
+
+    /// Whether `loss_and_grads` takes the hand-written backward pass.
+    pub fn backward_by_hand(&self) -> bool {
+        matches!(self, Decoder::Llama(m) if m.backward_by_hand_applies())
     }
 
     /// `loss_and_grads` through candle's autograd, for any model, device and dtype.
-    pub fn loss_and_grads_by_autograd(
-        &self,
-        input_ids: &Tensor,
-        lengths: &[usize],
-        rows: &[u32],
-        targets: &[u32],
-        weight: f64,
-    ) -> Result<(f64, backward::Gradients)> {
-        let hidden = self.forward(input_ids, lengths, None, Mode::Train)?;
-        let loss = (self.target_logprobs(&hidden, rows, targets)?.sum_all()? * weight)?;
+    pub fn loss_and_grads_by_autograd(&self, batch: &TrainingBatch, weight: f64) -> Result<(f64, backward::Gradients)> {
+        let hidden = self.forward(&batch.input_ids, &batch.lengths, None, Mode::Train)?;
+        let loss = (self.target_logprobs(&hidden, &batch.rows, &batch.targets)?.sum_all()? * weight)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((value, backward::Gradients::Autograd(loss.backward()?)))
     }

@@ -11,7 +11,7 @@ pub mod data;
 pub mod export;
 pub mod optim;
 
-use crate::model::{EncodedPair, LoadedModel};
+use crate::model::{EncodedPair, LoadedModel, TrainingBatch};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -266,9 +266,8 @@ pub fn loss_and_grads(
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss = 0.0;
     for batch in micro_batches {
-        let (x, lengths, rows, targets) = batch_tensors(batch, &model.device)?;
         let weight = -1.0 / response_tokens.max(1) as f64;
-        let (batch_loss, store) = decoder.loss_and_grads(&x, &lengths, &rows, &targets, weight)?;
+        let (batch_loss, store) = decoder.loss_and_grads(&training_batch(batch, &model.device)?, weight)?;
         loss += batch_loss;
         for (name, var) in vars {
             if let Some(g) = store.get(var.as_tensor()) {
@@ -286,9 +285,8 @@ pub fn loss_and_grads(
     Ok((loss, grads, response_tokens, tokens))
 }
 
-/// Right-padded token ids, lengths, and the flat positions predicting response tokens with
-/// those tokens.
-fn batch_tensors(batch: &[&EncodedPair], device: &Device) -> Result<(Tensor, Vec<usize>, Vec<u32>, Vec<u32>)> {
+/// Right-padded token ids and the flat positions that predict response tokens.
+fn training_batch(batch: &[&EncodedPair], device: &Device) -> Result<TrainingBatch> {
     let width = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let mut flat = Vec::with_capacity(batch.len() * width);
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
@@ -300,8 +298,12 @@ fn batch_tensors(batch: &[&EncodedPair], device: &Device) -> Result<(Tensor, Vec
             targets.push(target);
         }
     }
-    let lengths = batch.iter().map(|e| e.ids.len()).collect();
-    Ok((Tensor::from_vec(flat, (batch.len(), width), device)?, lengths, rows, targets))
+    Ok(TrainingBatch {
+        input_ids: Tensor::from_vec(flat, (batch.len(), width), device)?,
+        lengths: batch.iter().map(|e| e.ids.len()).collect(),
+        rows,
+        targets,
+    })
 }
 
 pub fn sorted_vars(vars: &VarMap) -> Vec<(String, Var)> {
