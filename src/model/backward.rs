@@ -79,13 +79,13 @@ impl RmsNorm {
     }
 }
 
-/// What attention's backward reads: rotated (and, for queries, scaled) heads, each query
-/// block's probabilities and the heads' output before `o_proj`.
+/// What attention's backward reads: rotated keys, values, each query block's rotated and
+/// scaled queries (grouped by key head) with its probabilities, and the heads' output
+/// before `o_proj`.
 pub(super) struct AttentionSaved {
-    q: Tensor,
     k: Tensor,
     v: Tensor,
-    probs: Vec<Tensor>,
+    blocks: Vec<(Tensor, Tensor)>,
     context: Tensor,
 }
 
@@ -117,18 +117,18 @@ impl Attention {
         let q = (ops::rope(&split(&self.q_proj, heads)?, &rope.cos, &rope.sin)? * self.scale)?;
         let k = ops::rope(&split(&self.k_proj, kv_heads)?, &rope.cos, &rope.sin)?;
         let v = split(&self.v_proj, kv_heads)?;
-        let (mut probs, mut outputs) = (Vec::new(), Vec::new());
+        let (mut blocks, mut outputs) = (Vec::new(), Vec::new());
         for (t0, len, keys) in query_blocks(t) {
             let q_block = q.narrow(2, t0, len)?.contiguous()?.reshape((b, kv_heads, groups * len, d))?;
             let mask_block = mask.narrow(2, t0, len)?.narrow(3, 0, keys)?;
             let p = ops::attention_probs(&q_block, &k.narrow(2, 0, keys)?, &mask_block)?
                 .reshape((b, kv_heads, groups * len, keys))?;
             outputs.push(p.matmul(&v.narrow(2, 0, keys)?.contiguous()?)?.reshape((b, heads, len, d))?);
-            probs.push(p);
+            blocks.push((q_block, p));
         }
         let context = Tensor::cat(&outputs, 2)?.transpose(1, 2)?.contiguous()?.reshape((b * t, heads * d))?;
         let out = linear(&context, &self.o_proj)?;
-        Ok((out, AttentionSaved { q, k, v, probs, context }))
+        Ok((out, AttentionSaved { k, v, blocks, context }))
     }
 
     /// Adds every projection's gradient and returns the gradient of the input rows `h`.
@@ -143,19 +143,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (heads, kv_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let groups = heads / kv_heads;
-        let AttentionSaved { q, k, v, probs, context } = saved;
+        let AttentionSaved { k, v, blocks, context } = saved;
         let d_context = linear_backward(&context, dy, &self.o_proj, grads)?;
         drop(context);
         let d_context = d_context.reshape((b, t, heads, d))?.transpose(1, 2)?;
         let (mut dq_blocks, mut dk, mut dv) = (Vec::new(), None, None);
-        for ((t0, len, keys), p) in query_blocks(t).zip(probs) {
+        for ((t0, len, keys), (q_block, p)) in query_blocks(t).zip(blocks) {
             let d_out = d_context.narrow(2, t0, len)?.contiguous()?.reshape((b, kv_heads, groups * len, d))?;
             let dv_part = p.t()?.matmul(&d_out)?;
             let d_probs = d_out.matmul(&v.narrow(2, 0, keys)?.t()?)?;
             let d_scores = ops::softmax_grad(&p, &d_probs)?;
             drop((p, d_probs));
             dq_blocks.push(d_scores.matmul(&k.narrow(2, 0, keys)?)?.reshape((b, heads, len, d))?);
-            let q_block = q.narrow(2, t0, len)?.contiguous()?.reshape((b, kv_heads, groups * len, d))?;
             let dk_part = d_scores.t()?.matmul(&q_block)?;
             dk = Some(add_prefix(dk, dk_part, t)?);
             dv = Some(add_prefix(dv, dv_part, t)?);
@@ -194,7 +193,7 @@ impl Mlp {
 
     pub(super) fn forward_saving(&self, h: &Tensor) -> Result<(Tensor, MlpSaved)> {
         let (gate, up) = (linear(h, &self.gate_proj)?, linear(h, &self.up_proj)?);
-        let product = ops::silu_mul_detached(&gate, &up)?;
+        let product = ops::silu_mul_one_pass(&gate, &up)?;
         let out = linear(&product, &self.down_proj)?;
         Ok((out, MlpSaved { gate, up, product }))
     }

@@ -131,6 +131,7 @@ impl Model {
         drop(hidden);
         let mut dx = self.norm.backward(&x, &d_hidden, &mut grads)?;
         for (layer, (x, attention_saved, mid, mlp_saved)) in self.layers.iter().zip(saved).rev() {
+            // The norms' outputs are recomputed (one cheap pass) rather than kept per layer.
             let h = layer.post_attention_layernorm.forward_detached(&mid)?;
             let dh = layer.mlp.backward(&h, mlp_saved, &dx, &mut grads)?;
             let d_mid = (dx + layer.post_attention_layernorm.backward(&mid, &dh, &mut grads)?)?;

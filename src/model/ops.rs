@@ -349,18 +349,17 @@ pub(super) fn rope_grad(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Ten
 /// silu(gate) ⊙ up, the gated MLP's middle, keeping only `gate` and `up` for the backward.
 /// Inference keeps candle's vectorised `silu`, which is faster when no gradient is needed.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let training = gate.track_op() || up.track_op();
-    if training && fused(gate) && up.dtype() == DType::F32 && gate.shape() == up.shape() {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul);
+    if gate.track_op() || up.track_op() {
+        return silu_mul_one_pass(gate, up);
     }
     gate.silu()? * up
 }
 
-/// `silu_mul` in one pass for inputs that record no graph (the hand-written backward's
-/// forward), where the plain path would take two.
-pub(super) fn silu_mul_detached(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// `silu_mul` by the one-pass kernel wherever it runs, as the hand-written backward's
+/// forward wants it (its inputs record no graph), where the plain path takes two passes.
+pub(super) fn silu_mul_one_pass(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fused(gate) && up.dtype() == DType::F32 && gate.shape() == up.shape() {
-        return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul);
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul);
     }
     gate.silu()? * up
 }
