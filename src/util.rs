@@ -60,7 +60,9 @@ pub fn keep_freed_memory() {
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // -1: never trim; a threshold of 2 GiB still let a training step hand its activations back
+        // to the kernel and fault them in again on the next (600k page faults a step).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
 
