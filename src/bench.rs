@@ -204,7 +204,8 @@ impl std::fmt::Display for TrainingThroughput {
 }
 
 /// Full fine-tuning steps (forward, backward, AdamW) on `batch` synthetic sequences of
-/// `seq_len` tokens, every token after the first a training target. One warm-up step first.
+/// `seq_len` tokens whose first eighth is prompt (no loss), as in the transformers
+/// reference `benches/reference/hf_train.py`. One warm-up step first.
 pub fn training(
     model: &LoadedModel,
     vars: &candle_nn::VarMap,
@@ -214,11 +215,12 @@ pub fn training(
 ) -> Result<TrainingThroughput> {
     use crate::train::{loss_and_grads, optim, sorted_vars};
     let vocab = model.config.vocab_size as u64;
+    let prompt_len = (seq_len / 8).max(1);
     let examples: Vec<crate::model::EncodedPair> = (0..batch)
         .map(|b| crate::model::EncodedPair {
             ids: (0..seq_len).map(|i| (((b * seq_len + i) as u64 * 2_654_435_761) % vocab) as u32).collect(),
-            response_mask: (0..seq_len).map(|i| i > 0).collect(),
-            first_response: 1,
+            response_mask: (0..seq_len).map(|i| i >= prompt_len).collect(),
+            first_response: prompt_len,
         })
         .collect();
     let micro_batch = vec![examples.iter().collect::<Vec<_>>()];
@@ -239,7 +241,8 @@ pub fn training(
     let seconds = start.elapsed().as_secs_f64() / steps as f64;
     let tokens = (batch * seq_len) as f64;
     let cfg = &model.config;
-    let flops = 3.0 * tokens * (cfg.body_flops_per_token(seq_len.div_ceil(2)) + cfg.head_flops());
+    let targets = (batch * seq_len.saturating_sub(prompt_len)) as f64;
+    let flops = 3.0 * (tokens * cfg.body_flops_per_token(seq_len.div_ceil(2)) + targets * cfg.head_flops());
     Ok(TrainingThroughput {
         batch,
         seq_len,
