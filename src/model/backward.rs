@@ -50,7 +50,7 @@ impl GradientSums {
 
 /// `x · Wᵀ + b` on rows `(N, in)`, recording no graph.
 fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
-    let y = x.matmul(&layer.weight().detach().t()?)?;
+    let y = ops::matmul(x, &layer.weight().detach().t()?)?;
     match layer.bias() {
         Some(bias) => y.broadcast_add(&bias.detach()),
         None => Ok(y),
@@ -59,11 +59,11 @@ fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
 
 /// Adds dW = dyᵀ·x (and db = Σ dy) for `linear(x)` and returns dx = dy·W.
 fn linear_backward(x: &Tensor, dy: &Tensor, layer: &Linear, grads: &mut GradientSums) -> Result<Tensor> {
-    grads.add(layer.weight(), dy.t()?.matmul(x)?)?;
+    grads.add(layer.weight(), ops::matmul(&dy.t()?, x)?)?;
     if let Some(bias) = layer.bias() {
         grads.add(bias, dy.sum(0)?)?;
     }
-    dy.matmul(&layer.weight().detach())
+    ops::matmul(dy, &layer.weight().detach())
 }
 
 impl RmsNorm {
@@ -123,7 +123,7 @@ impl Attention {
             let mask_block = mask.narrow(2, t0, len)?.narrow(3, 0, keys)?;
             let p = ops::attention_probs(&q_block, &k.narrow(2, 0, keys)?, &mask_block)?
                 .reshape((b, kv_heads, groups * len, keys))?;
-            outputs.push(p.matmul(&v.narrow(2, 0, keys)?.contiguous()?)?.reshape((b, heads, len, d))?);
+            outputs.push(ops::matmul(&p, &v.narrow(2, 0, keys)?)?.reshape((b, heads, len, d))?);
             blocks.push((q_block, p));
         }
         let context = Tensor::cat(&outputs, 2)?.transpose(1, 2)?.contiguous()?.reshape((b * t, heads * d))?;
@@ -150,12 +150,12 @@ impl Attention {
         let (mut dq_blocks, mut dk, mut dv) = (Vec::new(), None, None);
         for ((t0, len, keys), (q_block, p)) in query_blocks(t).zip(blocks) {
             let d_out = d_context.narrow(2, t0, len)?.contiguous()?.reshape((b, kv_heads, groups * len, d))?;
-            let dv_part = p.t()?.matmul(&d_out)?;
-            let d_probs = d_out.matmul(&v.narrow(2, 0, keys)?.t()?)?;
-            let d_scores = ops::softmax_grad(&p, &d_probs)?;
-            drop((p, d_probs));
-            dq_blocks.push(d_scores.matmul(&k.narrow(2, 0, keys)?)?.reshape((b, heads, len, d))?);
-            let dk_part = d_scores.t()?.matmul(&q_block)?;
+            let dv_part = ops::matmul(&p.t()?, &d_out)?;
+            let d_probs = ops::matmul(&d_out, &v.narrow(2, 0, keys)?.t()?)?;
+            let d_scores = ops::softmax_grad(&p, d_probs)?;
+            drop(p);
+            dq_blocks.push(ops::matmul(&d_scores, &k.narrow(2, 0, keys)?)?.reshape((b, heads, len, d))?);
+            let dk_part = ops::matmul(&d_scores.t()?, &q_block)?;
             dk = Some(add_prefix(dk, dk_part, t)?);
             dv = Some(add_prefix(dv, dv_part, t)?);
         }
@@ -179,10 +179,10 @@ fn add_prefix(sum: Option<Tensor>, part: Tensor, t: usize) -> Result<Tensor> {
     }
 }
 
-/// The gate and up projections and their gated product, which `down_proj`'s gradient reads.
+/// The gate and up projections side by side, `[gate | up]` per row, and their gated
+/// product, which `down_proj`'s gradient reads.
 pub(super) struct MlpSaved {
-    gate: Tensor,
-    up: Tensor,
+    gate_up: Tensor,
     product: Tensor,
 }
 
@@ -191,21 +191,30 @@ impl Mlp {
         self.activation == super::config::Activation::Silu
     }
 
+    /// `[W_gate; W_up]`: one matmul for both projections forward, and one for their input's
+    /// gradient backward where two would need a sum.
+    fn gate_up_weight(&self) -> Result<Tensor> {
+        Tensor::cat(&[self.gate_proj.weight().detach(), self.up_proj.weight().detach()], 0)
+    }
+
     pub(super) fn forward_saving(&self, h: &Tensor) -> Result<(Tensor, MlpSaved)> {
-        let (gate, up) = (linear(h, &self.gate_proj)?, linear(h, &self.up_proj)?);
-        let product = ops::silu_mul_one_pass(&gate, &up)?;
+        let gate_up = ops::matmul(h, &self.gate_up_weight()?.t()?)?;
+        let product = ops::silu_mul_halves(&gate_up)?;
         let out = linear(&product, &self.down_proj)?;
-        Ok((out, MlpSaved { gate, up, product }))
+        Ok((out, MlpSaved { gate_up, product }))
     }
 
     pub(super) fn backward(&self, h: &Tensor, saved: MlpSaved, dy: &Tensor, grads: &mut GradientSums) -> Result<Tensor> {
-        let MlpSaved { gate, up, product } = saved;
+        let MlpSaved { gate_up, product } = saved;
         let d_product = linear_backward(&product, dy, &self.down_proj, grads)?;
         drop(product);
-        let (d_gate, d_up) = ops::silu_mul_grads(&gate, &up, &d_product)?;
-        drop((gate, up, d_product));
-        let dh = linear_backward(h, &d_gate, &self.gate_proj, grads)?;
-        dh + linear_backward(h, &d_up, &self.up_proj, grads)?
+        let d_gate_up = ops::silu_mul_grads(gate_up, &d_product)?;
+        drop(d_product);
+        let d_weight = ops::matmul(&d_gate_up.t()?, h)?;
+        let width = d_weight.dim(0)? / 2;
+        grads.add(self.gate_proj.weight(), d_weight.narrow(0, 0, width)?)?;
+        grads.add(self.up_proj.weight(), d_weight.narrow(0, width, width)?)?;
+        ops::matmul(&d_gate_up, &self.gate_up_weight()?)
     }
 }
 
@@ -234,8 +243,7 @@ pub(super) fn head_loss_and_grad(
         let logp = ops::log_softmax_at(&logits, &targets)?;
         loss += logp.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? * weight;
         let upstream = Tensor::full(weight as f32, rows.len(), device)?;
-        let d_logits = ops::log_softmax_at_grad(&logits, &targets, &logp, &upstream)?;
-        drop(logits);
+        let d_logits = ops::log_softmax_at_grad(logits, &targets, &logp, &upstream)?;
         d_rows.push(linear_backward(&h, &d_logits, head, grads)?);
     }
     let d_hidden = hidden.zeros_like()?;

@@ -12,10 +12,11 @@ pub mod gguf;
 pub mod hf;
 pub mod layers;
 pub mod llama;
-mod ops;
+pub(crate) mod ops;
 mod loader;
 pub mod pull;
 pub mod random;
+pub(crate) mod simd;
 pub mod tokenizer;
 pub mod weights;
 
