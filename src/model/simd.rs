@@ -109,6 +109,19 @@ pub fn max(a: &[f32]) -> f32 {
     fold_lanes(a, a, f32::NEG_INFINITY, |x, _| x, f32::max)
 }
 
+/// Σ x² in f64, for norms over millions of elements.
+#[inline(always)]
+pub fn sum_squares_f64(a: &[f32]) -> f64 {
+    let (blocks, tail) = a.as_chunks::<LANES>();
+    let mut acc = [0f64; LANES];
+    for x in blocks {
+        for l in 0..LANES {
+            acc[l] += x[l] as f64 * x[l] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail.iter().map(|&x| x as f64 * x as f64).sum::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

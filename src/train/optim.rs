@@ -2,7 +2,9 @@
 //! checkpointed), global gradient-norm clipping, and learning-rate schedules.
 
 use crate::{Error, Result};
-use candle_core::{DType, Storage, Tensor, Var};
+use crate::model::ops::{self, with_f32, with_f32_mut};
+use crate::model::simd::{self, multiversion};
+use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -78,55 +80,51 @@ struct Coefficients {
     decay: f32,
 }
 
+multiversion! {
+    fn adamw_update(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &Coefficients) {
+        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = g * k.scale;
+            *m = k.beta1 * *m + (1.0 - k.beta1) * g;
+            *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+            let update = (*m / k.correction1) / ((*v / k.correction2).sqrt() + k.eps);
+            *w = *w * k.decay - k.lr * update;
+        }
+    }
+}
+
+/// Elements per rayon task of the update and the norm.
+const CHUNK: usize = 1 << 14;
+
 impl Slot {
-    /// The update in one pass over g, m, v and w for f32 weights on the CPU, where the
-    /// composed tensor ops take about fourteen passes and as many fresh buffers: that made
+    /// The update in one pass over g, m, v and w, in place, for f32 weights on the CPU, where
+    /// the composed tensor ops take about fourteen passes and as many fresh buffers: that made
     /// AdamW 7% of a SmolLM2 training step. `false`: not such a slot, use the composed ops.
     fn step_fused(&mut self, g: &Tensor, k: &Coefficients) -> Result<bool> {
         let w = self.var.as_tensor();
-        let fused = with_cpu_f32(g, |g| {
-            with_cpu_f32(&self.m, |m| {
-                with_cpu_f32(&self.v, |v| {
-                    with_cpu_f32(w, |w| {
-                        let n = w.len();
-                        let (mut m2, mut v2, mut w2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                        const CHUNK: usize = 1 << 14;
-                        (m2.par_chunks_mut(CHUNK), v2.par_chunks_mut(CHUNK), w2.par_chunks_mut(CHUNK))
+        let all = [g, &self.m, &self.v, w];
+        if !all.iter().all(|t| ops::fused(t) && t.is_contiguous() && t.shape() == w.shape()) {
+            return Ok(false);
+        }
+        // m and v are separate buffers (see `AdamW::new`), so the three write locks never meet.
+        with_f32_mut(&self.m, |m| {
+            with_f32_mut(&self.v, |v| {
+                with_f32_mut(w, |w| {
+                    with_f32(g, |g| {
+                        (w.par_chunks_mut(CHUNK), m.par_chunks_mut(CHUNK), v.par_chunks_mut(CHUNK), g.par_chunks(CHUNK))
                             .into_par_iter()
-                            .enumerate()
-                            .for_each(|(c, (m2, v2, w2))| {
-                                let at = c * CHUNK;
-                                for i in 0..m2.len() {
-                                    let gi = g[at + i] * k.scale;
-                                    let mi = k.beta1 * m[at + i] + (1.0 - k.beta1) * gi;
-                                    let vi = k.beta2 * v[at + i] + (1.0 - k.beta2) * gi * gi;
-                                    let update = (mi / k.correction1) / ((vi / k.correction2).sqrt() + k.eps);
-                                    m2[i] = mi;
-                                    v2[i] = vi;
-                                    w2[i] = w[at + i] * k.decay - k.lr * update;
-                                }
-                            });
-                        (m2, v2, w2)
+                            .for_each(|(w, m, v, g)| adamw_update(w, m, v, g, k))
                     })
                 })
             })
-        });
-        let Some(Some(Some(Some((m2, v2, w2))))) = fused else { return Ok(false) };
-        let shape = w.shape().clone();
-        let device = w.device();
-        self.m = Tensor::from_vec(m2, shape.clone(), device)?;
-        self.v = Tensor::from_vec(v2, shape.clone(), device)?;
-        self.var.set(&Tensor::from_vec(w2, shape, device)?)?;
+        })????;
         Ok(true)
     }
 }
 
-/// `f` on the elements of a contiguous f32 tensor in CPU memory; `None` for anything else.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { return None };
-    let (start, end) = layout.contiguous_offsets()?;
-    cpu.as_slice::<f32>().ok().map(|all| f(&all[start..end]))
+multiversion! {
+    fn sum_squares(x: &[f32]) -> f64 {
+        simd::sum_squares_f64(x)
+    }
 }
 
 pub struct AdamW {
@@ -144,8 +142,9 @@ impl AdamW {
         let slots = named
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(Slot { name, var, m: zeros.clone(), v: zeros })
+                // Two buffers, not one shared: the update writes both in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                Ok(Slot { m: zeros()?, v: zeros()?, name, var })
             })
             .collect::<Result<_>>()?;
         Ok(Self { config, slots, steps: 0 })
@@ -156,9 +155,12 @@ impl AdamW {
         let mut total = 0.0;
         for slot in &self.slots {
             if let Some(g) = grads.get(&slot.name) {
-                total += match with_cpu_f32(g, |g| g.par_iter().map(|&x| x as f64 * x as f64).sum::<f64>()) {
-                    Some(sum) => sum,
-                    None => g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+                total += if ops::fused(g) && g.is_contiguous() {
+                    // Partial sums added in order: the same norm however rayon splits the work.
+                    let partials: Vec<f64> = with_f32(g, |g| g.par_chunks(CHUNK).map(sum_squares).collect())?;
+                    partials.iter().sum::<f64>()
+                } else {
+                    g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
                 };
             }
         }
