@@ -834,7 +834,10 @@ mod tests {
 
     #[test]
     fn memory_hog_gets_memory_error() {
-        let sandbox = sandbox(SandboxConfig { memory_bytes: 1 << 30, ..config(62_300) });
+        // A generous timeout: on a loaded machine touching the first GiB can take seconds, and
+        // without the limit the hog would finish (Passed), not time out.
+        let config = SandboxConfig { memory_bytes: 1 << 30, timeout: Duration::from_secs(30), ..config(62_300) };
+        let sandbox = sandbox(config);
         // Touched 256 MiB chunks, 10 GiB at most should RLIMIT_AS not bind.
         let hog = "chunks = []\nfor _ in range(40):\n    chunks.append(b'x' * (256 << 20))\n";
         let outcome = sandbox.run(hog);
@@ -973,7 +976,16 @@ mod tests {
         assert!(matches!(taken, Err(SandboxError::UidClaimed(base)) if base == a.uid_base), "{:?}", taken.err());
         let base = a.uid_base;
         drop(a);
-        assert_eq!(sandbox(config(base)).uid_base, base, "a dropped sandbox releases its block");
+        // A fork in another test's thread holds a copy of the lock's descriptor until it execs,
+        // so the block comes free within moments rather than at once.
+        let reclaimed = (0..50).find_map(|_| {
+            let attempt = Sandbox::new(config(base));
+            if matches!(attempt, Err(SandboxError::UidClaimed(_))) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            attempt.ok()
+        });
+        assert_eq!(reclaimed.map(|s| s.uid_base), Some(base), "a dropped sandbox releases its block");
     }
 
     #[test]
