@@ -281,10 +281,12 @@ fn read_rows(path: &Path, sha256: &str) -> Result<Vec<(String, Value)>> {
 }
 
 /// Strict undefined variables (a misspelt field is an error, not an empty string), no
-/// escaping, and the filters benchmark protocols need.
+/// escaping, and the filters benchmark protocols need. Debug info on in every build: it is
+/// what names the misspelt variable in the error, and release builds leave it off.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_debug(true);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     let syntax = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build();
     env.set_syntax(syntax.expect("the default delimiters are valid"));
