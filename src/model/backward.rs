@@ -7,7 +7,7 @@
 //! its gradient formulas read, drops it as soon as its layer is done, and every weight
 //! gradient is written once. The tests hold both passes to the same gradients.
 
-use super::layers::{Attention, Mlp, RmsNorm, RopeTables, QUERY_BLOCK};
+use super::layers::{self, Attention, Mlp, RmsNorm, RopeTables, QUERY_BLOCK};
 use super::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, TensorId};
@@ -48,13 +48,9 @@ impl GradientSums {
     }
 }
 
-/// `x · Wᵀ + b` on rows `(N, in)`, recording no graph.
+/// `x · Wᵀ + b`, recording no graph.
 fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
-    let y = ops::matmul(x, &layer.weight().detach().t()?)?;
-    match layer.bias() {
-        Some(bias) => y.broadcast_add(&bias.detach()),
-        None => Ok(y),
-    }
+    layers::linear(x, &Linear::new(layer.weight().detach(), layer.bias().map(Tensor::detach)))
 }
 
 /// Adds dW = dyᵀ·x (and db = Σ dy) for `linear(x)` and returns dx = dy·W.

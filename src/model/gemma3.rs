@@ -107,7 +107,7 @@ impl Model {
 
     /// Vocabulary logits for hidden-state rows `(N, H) -> (N, V)`, soft-capped if configured.
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(hidden)?;
+        let logits = super::layers::linear(hidden, &self.lm_head)?;
         match self.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

@@ -6,13 +6,26 @@
 //! that every parameter receives a gradient.
 
 use super::config::{Activation, ModelConfig, RopeScaling};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use super::ops;
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Infer,
     Train,
+}
+
+/// `x · Wᵀ + b` over the last axis, through `ops::matmul`, which threads the CPU's f32 matmul
+/// better than gemm does itself; weights that autograd tracks take candle's matmul there.
+pub(crate) fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    let lead = &x.dims()[..x.rank().saturating_sub(1)];
+    let y = ops::matmul(&x.reshape(((), x.dim(D::Minus1)?))?, &layer.weight().t()?)?;
+    let y = y.reshape([lead, &[y.dim(1)?]].concat())?;
+    match layer.bias() {
+        Some(bias) => y.broadcast_add(bias),
+        None => Ok(y),
+    }
 }
 
 /// Softmaxes need f32 even when the model computes in bf16/f16; f64 stays f64.
@@ -454,7 +467,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let y = proj.forward(x)?.reshape((b, t, n, self.head_dim))?;
+            let y = linear(x, proj)?.reshape((b, t, n, self.head_dim))?;
             let y = match norm {
                 Some(norm) => norm.forward(&y, mode)?,
                 None => y,
@@ -492,9 +505,7 @@ impl Attention {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&blocks, 2)?
         };
-        out.transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?
-            .apply(&self.o_proj)
+        linear(&out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?, &self.o_proj)
     }
 
     /// Softmax attention of scaled queries `(B, H, Tq, D)` over keys and values
@@ -507,9 +518,9 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.contiguous()?.reshape((b, self.num_kv_heads, groups * t, self.head_dim))?;
         let probs = match (mode, self.softcap) {
-            (Mode::Train, None) => super::ops::attention_probs(&q, k, mask)?,
+            (Mode::Train, None) => ops::attention_probs(&q, k, mask)?,
             _ => {
-                let scores = q.matmul(&k.t()?)?;
+                let scores = ops::matmul(&q, &k.t()?)?;
                 let scores = match self.softcap {
                     Some(cap) => ((scores / cap)?.tanh()? * cap)?,
                     None => scores,
@@ -525,7 +536,7 @@ impl Attention {
         }
         .to_dtype(v.dtype())?
         .reshape((b, self.num_kv_heads, groups * t, keys))?;
-        probs.matmul(&v.contiguous()?)?.reshape((b, self.num_heads, t, self.head_dim))
+        ops::matmul(&probs, v)?.reshape((b, self.num_heads, t, self.head_dim))
     }
 }
 
@@ -560,12 +571,12 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+        let gate = linear(x, &self.gate_proj)?;
+        let up = linear(x, &self.up_proj)?;
         let hidden = match self.activation {
             Activation::Silu => super::ops::silu_mul(&gate, &up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        hidden.apply(&self.down_proj)
+        linear(&hidden, &self.down_proj)
     }
 }

@@ -149,6 +149,6 @@ impl Model {
 
     /// Vocabulary logits for hidden-state rows `(N, H) -> (N, V)`.
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        super::layers::linear(hidden, &self.lm_head)
     }
 }

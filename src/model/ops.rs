@@ -170,18 +170,21 @@ fn gemm_batched(batch: usize, (m, n, k): (usize, usize, usize), a: Operand, b: O
 }
 
 /// `a · b` as candle's `matmul` computes it (batch axes equal on both sides), by
-/// `gemm_batched` for f32 tensors in CPU memory and by candle elsewhere; records no graph.
+/// `gemm_batched` for f32 tensors in CPU memory outside any autograd graph, and by candle
+/// (recording the graph) elsewhere.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a_dims, b_dims) = (a.dims(), b.dims());
     let rank = a_dims.len();
     let fits = fused(a)
         && fused(b)
+        && !a.track_op()
+        && !b.track_op()
         && rank >= 2
         && b_dims.len() == rank
         && a_dims[..rank - 2] == b_dims[..rank - 2]
         && a_dims[rank - 1] == b_dims[rank - 2];
     if !fits {
-        return a.matmul(b);
+        return candle_matmul(a, b);
     }
     let (m, k, n) = (a_dims[rank - 2], a_dims[rank - 1], b_dims[rank - 1]);
     let batch: usize = a_dims[..rank - 2].iter().product();
@@ -202,10 +205,16 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Some(result) => result,
         None => match product(&a.contiguous()?, &b.contiguous()?) {
             Some(result) => result,
-            None => return a.matmul(b),
+            None => return candle_matmul(a, b),
         },
     };
     Tensor::from_vec(result, dims, a.device())
+}
+
+/// candle's matmul, on contiguous copies where it refuses the views (batch axes that do not
+/// collapse into one stride).
+fn candle_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.matmul(b).or_else(|_| a.contiguous()?.matmul(&b.contiguous()?))
 }
 
 /// softmax(q·kᵀ + mask) over the keys, for grouped queries `(B, KV, G·T, D)` (already
