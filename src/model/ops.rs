@@ -18,9 +18,13 @@ pub(crate) fn fused(x: &Tensor) -> bool {
 }
 
 fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = f32s_any(storage, what)?;
+    Ok(&f32s_any(storage, what)?[contiguous_range(layout, what)?])
+}
+
+/// The elements of its storage that a contiguous layout covers.
+fn contiguous_range(layout: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("{what}: expected a contiguous tensor") };
-    Ok(&data[start..end])
+    Ok(start..end)
 }
 
 /// Every element of an f32 storage, whatever the layout reads of it.
@@ -49,9 +53,9 @@ pub(crate) fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Re
         }
         fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
             let CpuStorage::F32(data) = storage else { bail!("{}: expected f32", self.name()) };
-            let Some((start, end)) = layout.contiguous_offsets() else { bail!("{}: expected a contiguous tensor", self.name()) };
+            let range = contiguous_range(layout, self.name())?;
             if let Some(f) = self.f.take() {
-                self.out.set(Some(f(&mut data[start..end])));
+                self.out.set(Some(f(&mut data[range])));
             }
             Ok(())
         }
@@ -602,9 +606,10 @@ impl CustomOp2 for SiluMul {
 /// records no graph.
 pub(super) fn silu_mul_halves(gate_up: &Tensor) -> Result<Tensor> {
     let gate_up = gate_up.contiguous()?;
+    let width = gate_up.dim(D::Minus1)? / 2;
     let mut dims = gate_up.dims().to_vec();
-    let width = dims.last().copied().unwrap_or(0) / 2;
-    *dims.last_mut().unwrap_or(&mut 0) = width;
+    dims.pop();
+    dims.push(width);
     let product = with_f32(&gate_up, |gu| {
         let mut out = vec![0f32; gu.len() / 2];
         out.par_chunks_mut(width.max(1)).zip(gu.par_chunks(2 * width.max(1))).for_each(|(out, row)| {

@@ -62,13 +62,13 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// `LANES` running results of `combine`, folded in a fixed order at the end.
 #[inline(always)]
-fn fold_lanes(
+fn fold_lanes<A: Copy>(
     a: &[f32],
     b: &[f32],
-    init: f32,
-    term: impl Fn(f32, f32) -> f32,
-    combine: impl Fn(f32, f32) -> f32,
-) -> f32 {
+    init: A,
+    term: impl Fn(f32, f32) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
     let n = a.len().min(b.len());
     let (a_blocks, a_tail) = a[..n].as_chunks::<LANES>();
     let (b_blocks, b_tail) = b[..n].as_chunks::<LANES>();
@@ -112,14 +112,7 @@ pub fn max(a: &[f32]) -> f32 {
 /// Σ x² in f64, for norms over millions of elements.
 #[inline(always)]
 pub fn sum_squares_f64(a: &[f32]) -> f64 {
-    let (blocks, tail) = a.as_chunks::<LANES>();
-    let mut acc = [0f64; LANES];
-    for x in blocks {
-        for l in 0..LANES {
-            acc[l] += x[l] as f64 * x[l] as f64;
-        }
-    }
-    acc.iter().sum::<f64>() + tail.iter().map(|&x| x as f64 * x as f64).sum::<f64>()
+    fold_lanes(a, a, 0.0, |x, _| x as f64 * x as f64, |s, t| s + t)
 }
 
 #[cfg(test)]
