@@ -63,6 +63,10 @@ pub struct EvalArgs {
     /// The Python the sandbox runs [default: /usr/bin/python3 when present].
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Run generated code even where this kernel cannot contain it (no Landlock, namespaces or
+    /// root); recorded in metrics.json.
+    #[arg(long)]
+    unsandboxed: bool,
     /// Evaluate only shard i of N (items split by a hash of their id), for N machines;
     /// `harness merge-eval` joins the N output folders.
     #[arg(long, value_name = "i/N")]
@@ -87,7 +91,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut config = sandbox::SandboxConfig { timeout: Duration::from_secs_f64(args.timeout), ..Default::default() };
+    let mut config = sandbox::SandboxConfig {
+        timeout: Duration::from_secs_f64(args.timeout),
+        unsandboxed: args.unsandboxed,
+        ..Default::default()
+    };
     if let Some(python) = &args.python {
         config.python = python.clone();
     }

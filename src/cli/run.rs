@@ -13,6 +13,10 @@ pub struct RunArgs {
     /// Print the stages, what is cached, and estimated tokens and time; run nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Run generated code even where this kernel cannot contain it (no Landlock, namespaces or
+    /// root); recorded in each evaluation's metrics.json.
+    #[arg(long)]
+    unsandboxed: bool,
     #[command(flatten)]
     report: ReportOptions,
 }
@@ -46,15 +50,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         print!("{plan}");
         return Ok(());
     }
-    gather(&args.experiment, &args.report, false)
+    gather(&args.experiment, &args.report, false, args.unsandboxed)
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    gather(&args.experiment, &args.report, true)
+    gather(&args.experiment, &args.report, true, false)
 }
 
-fn gather(path: &std::path::Path, options: &ReportOptions, report_only: bool) -> anyhow::Result<()> {
-    let run_options = RunOptions { runs_dir: options.runs_dir.clone(), progress: true, report_only };
+fn gather(path: &std::path::Path, options: &ReportOptions, report_only: bool, unsandboxed: bool) -> anyhow::Result<()> {
+    let run_options = RunOptions { runs_dir: options.runs_dir.clone(), progress: true, report_only, unsandboxed };
     let what = if report_only { "gathering the report" } else { "running the experiment" };
     let results = experiment::run(path, &run_options).context(what)?;
     let paper = match options.paper.as_ref().or(results.paper.as_ref()) {

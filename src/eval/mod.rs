@@ -49,6 +49,9 @@ pub struct ItemRecord {
     pub finish: Option<Finish>,
     pub new_tokens: Option<usize>,
     pub stderr_tail: Option<String>,
+    /// Why a program failed where the verdict alone does not say (an early exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub grade_seconds: f64,
     pub groups: BTreeMap<String, String>,
 }
@@ -71,6 +74,9 @@ pub struct BenchmarkMetrics {
     pub groups: BTreeMap<String, BTreeMap<String, Estimate>>,
     pub generation_seconds: Option<f64>,
     pub grading_seconds: f64,
+    /// How generated code was contained (code benchmarks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<sandbox::Protections>,
 }
 
 /// Grades every completion; code runs in `sandbox`, which code benchmarks require.
@@ -97,6 +103,7 @@ pub fn grade(
             finish: c.finish,
             new_tokens: c.new_tokens,
             stderr_tail: None,
+            reason: None,
             grade_seconds: 0.0,
             groups: item.groups.clone(),
         }
@@ -119,6 +126,7 @@ pub fn grade(
             r.correct = outcome.verdict == sandbox::Verdict::Passed;
             r.verdict = outcome.verdict.as_str().to_string();
             r.stderr_tail = Some(outcome.stderr_tail);
+            r.reason = outcome.reason.map(str::to_string);
             r.grade_seconds = outcome.seconds;
         }
     }
@@ -209,6 +217,7 @@ pub fn summarize(
             .collect(),
         generation_seconds,
         grading_seconds,
+        sandbox: None,
     }
 }
 
@@ -386,7 +395,10 @@ pub fn evaluate(
         let records = grade(bench, &completions, sandbox, || bar.inc(1))?;
         bar.finish_and_clear();
         let grading_seconds = graded_at.elapsed().as_secs_f64();
-        let metrics = summarize(bench.name(), metric_of(bench), &records, options.seed, generation_seconds, grading_seconds);
+        let mut metrics = summarize(bench.name(), metric_of(bench), &records, options.seed, generation_seconds, grading_seconds);
+        if matches!(bench.spec.grader, benchmark::Grader::Code { .. }) {
+            metrics.sandbox = sandbox.map(sandbox::Sandbox::protections);
+        }
         tracing::info!("{}: {} {:.1}% over {} items", bench.name(), metrics.metric, 100.0 * metrics.score.value, metrics.score.n);
         records_of.push(records);
         all.push(metrics);
@@ -492,7 +504,10 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Vec<BenchmarkMetrics>> {
     }
     let merged: Vec<BenchmarkMetrics> = benchmarks
         .iter()
-        .map(|(m, records)| summarize(&m.benchmark, &m.metric, records, seed, m.generation_seconds, m.grading_seconds))
+        .map(|(m, records)| BenchmarkMetrics {
+            sandbox: m.sandbox.clone(),
+            ..summarize(&m.benchmark, &m.metric, records, seed, m.generation_seconds, m.grading_seconds)
+        })
         .collect();
     let records_of: Vec<Vec<ItemRecord>> = benchmarks.into_iter().map(|(_, records)| records).collect();
     write_results(out, &records_of, &merged)?;

@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Only gather what finished stages hold; compute nothing (`harness report`).
     pub report_only: bool,
+    /// Run generated code even where the kernel cannot contain it (`--unsandboxed`).
+    pub unsandboxed: bool,
 }
 
 /// A benchmark result in a table cell: percent, with its 95% interval.
@@ -227,6 +229,7 @@ impl<'a> Runner<'a> {
         } else {
             let config = sandbox::SandboxConfig {
                 timeout: std::time::Duration::from_secs_f64(exp.evaluation.timeout),
+                unsandboxed: options.unsandboxed,
                 ..Default::default()
             };
             eval::sandbox_for(&benches, config)?

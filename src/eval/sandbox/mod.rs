@@ -1,61 +1,73 @@
 //! Runs untrusted, model-generated Python programs (HumanEval / MBPP solutions followed by their
-//! tests), one `python3` process per sample, and reduces each run to a [`Verdict`].
+//! tests), one `python3 -I` per sample, and reduces each run to a [`Verdict`].
 //!
-//! Generated code is treated as hostile. When the harness runs as root (the normal case here and
-//! in CI) each sample gets:
-//! - its own unprivileged uid and gid (`uid_base + worker`), no supplementary groups and
-//!   `no_new_privs`, so it cannot touch root's files and `RLIMIT_NPROC` counts only its worker;
-//! - new network, mount and IPC namespaces: no network at all (not even loopback), and private
-//!   size-capped tmpfs mounts over `/tmp` (its working directory), `/var/tmp`, `/run/lock` and
-//!   `/dev/shm` that vanish with it, as do any SysV/POSIX IPC objects it made;
-//! - rlimits on address space, CPU time, file size, processes, open files and core dumps;
-//! - a wall-clock timeout that kills its process group, and after every run a sweep that kills
-//!   and reaps every process of its uid, so grandchildren that left the group with `setsid()`
-//!   die too.
+//! Generated code is treated as hostile, whoever runs the harness. Each sample gets, where the
+//! kernel offers them (what was in force is [`Sandbox::protections`], recorded in `metrics.json`):
+//! - **Landlock** (`landlock.rs`): it may read only the interpreter's installation and the shared
+//!   libraries, `/dev/null` and `/dev/urandom`, and read and write only its own folder; from ABI 4
+//!   it can neither bind nor connect TCP, from ABI 6 it can signal no process and reach no
+//!   abstract Unix socket outside its own sample.
+//! - **seccomp** (`seccomp.rs`): no socket but Unix ones, no new namespaces, no ptrace, no reading
+//!   other processes' memory, no io_uring, bpf, keyrings or module loading.
+//! - **Namespaces** (`child.rs`; a user namespace first when not root): no network at all (not
+//!   even loopback), private size-capped tmpfs mounts over `/tmp` (its working directory),
+//!   `/var/tmp`, `/run/lock` and `/dev/shm`, private IPC, and its own PID namespace, in which it
+//!   sees and signals only its own processes; when the program ends everything it left behind
+//!   (`setsid()` grandchildren included) is killed with the namespace.
+//! - **As root**, also its own unprivileged uid and gid (`uid_base + worker`) with no groups, and
+//!   after every run a sweep that kills and reaps whatever is left under that uid.
+//! - Always: `no_new_privs`, rlimits on address space, CPU time, file size, processes, open files
+//!   and core dumps, and a wall-clock timeout that kills its process group.
 //!
-//! Not contained even then: reading world-readable files and other processes' `/proc` entries,
-//! connecting to filesystem Unix sockets that any user may write to, and sharing CPU, memory
-//! bandwidth and page cache with the host. If the kernel refuses the namespaces (a container
-//! without `CAP_SYS_ADMIN`), [`Sandbox::new`] warns and falls back to a host temp directory with
-//! network access, and files left in world-writable directories or IPC objects outlive the sample.
-//! When not root there is no uid to drop to, hence no namespaces either: the program runs as the
-//! harness's user (it may write, signal or trace whatever that user can), `RLIMIT_NPROC` counts all
-//! of that user's processes, and only the process group is killed, so a `setsid()` grandchild
-//! survives.
+//! A kernel that can contain neither the filesystem, nor the network, nor signals (see
+//! [`Protections::missing`]) makes [`Sandbox::new`] refuse, unless `unsandboxed` is set.
+//!
+//! A pass means the tests ran to their end: the sandbox appends a last statement that writes a
+//! marker, new and random for each run, to a pipe, and only exit status 0 with that marker is
+//! [`Verdict::Passed`]. `sys.exit(0)`, `os._exit(0)` or an `atexit` exit before it is a failure.
+//! This is against programs that exit early, not against code written to defeat this harness: a
+//! program can read its own source.
 
-use std::ffi::{CStr, CString};
+mod child;
+mod landlock;
+mod seccomp;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use child::ChildSetup;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-/// Enough for a traceback; bounded so a program flooding stderr cannot exhaust our memory.
-const TAIL_BYTES: usize = 2000;
-const OPEN_FILES: u64 = 128;
+/// The stderr kept per sample: its last lines, cut to a length. Enough for a traceback's end;
+/// short, so little of what a program printed reaches `items.jsonl`.
+pub const TAIL_LINES: usize = 10;
+pub const TAIL_BYTES: usize = 1000;
 /// How long the supervisor sleeps between exit checks.
 const SLICE: Duration = Duration::from_millis(5);
-/// World-writable directories hidden behind a private tmpfs; the first is the working directory.
-const SCRATCH_DIRS: [&CStr; 4] = [c"/tmp", c"/var/tmp", c"/run/lock", c"/dev/shm"];
 /// Automatically claimed uid blocks: `AUTO_UID_START + k * AUTO_UID_BLOCK` for k < `AUTO_UID_BLOCKS`.
 pub const AUTO_UID_START: u32 = 60_000;
 pub const AUTO_UID_BLOCK: u32 = 64;
 const AUTO_UID_BLOCKS: u32 = 16;
+/// The reason given for a program that ended without reaching its last statement.
+pub const EARLY_EXIT: &str = "exited before its tests finished";
 
 /// Limits and placement; the defaults suit HumanEval and MBPP.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// Must be executable by an unprivileged uid (a pyenv shim under /root is not).
+    /// A real interpreter (not a shell shim): Landlock lets the program read only its
+    /// installation. As root it must be executable by an unprivileged uid (nothing under /root).
     pub python: PathBuf,
     /// Wall-clock limit per sample.
     pub timeout: Duration,
@@ -71,13 +83,15 @@ pub struct SandboxConfig {
     pub max_processes: u64,
     /// Samples run at once by [`Sandbox::run_all`].
     pub workers: usize,
-    /// First of `workers` consecutive uids (and gids) that nothing else on the machine may use:
-    /// the sweep kills whatever runs under them. `None` claims the first free block of
-    /// [`AUTO_UID_BLOCK`] uids from [`AUTO_UID_START`], so sandboxes of concurrent harness
-    /// processes never share a uid.
+    /// Root only: first of `workers` consecutive uids (and gids) that nothing else on the
+    /// machine may use: the sweep kills whatever runs under them. `None` claims the first free
+    /// block of [`AUTO_UID_BLOCK`] uids from [`AUTO_UID_START`], so sandboxes of concurrent
+    /// harness processes never share a uid.
     pub uid_base: Option<u32>,
-    /// Namespaces when root; turn off only where the kernel refuses them (also detected).
+    /// Namespaces; turn off only where the kernel refuses them (also detected).
     pub namespaces: bool,
+    /// Run generated code even where the kernel cannot contain it (recorded in the results).
+    pub unsandboxed: bool,
 }
 
 impl Default for SandboxConfig {
@@ -94,6 +108,7 @@ impl Default for SandboxConfig {
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             uid_base: None,
             namespaces: true,
+            unsandboxed: false,
         }
     }
 }
@@ -110,15 +125,20 @@ pub enum SandboxError {
     NoFreeUids(String),
     #[error("interpreter {} cannot run a trivial program in the sandbox: {reason}", python.display())]
     Interpreter { python: PathBuf, reason: String },
+    #[error(
+        "refusing to run generated code: this kernel cannot contain it ({0}). Pass --unsandboxed to run it anyway, \
+         unprotected beyond what is there"
+    )]
+    Uncontained(String),
     #[error("cannot start sandbox worker threads: {0}")]
     Pool(#[from] rayon::ThreadPoolBuildError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
-    /// Exited with status 0.
+    /// Exited with status 0 after its last statement.
     Passed,
-    /// Ran and died of an `AssertionError`: the tests failed.
+    /// Its tests failed (an `AssertionError`), or it exited before they finished.
     Failed,
     /// Hit the wall-clock or CPU-time limit.
     Timeout,
@@ -146,9 +166,46 @@ impl fmt::Display for Verdict {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub verdict: Verdict,
-    /// The last ~2000 bytes of stderr (lossy UTF-8), or why the sandbox failed.
+    /// Why, where the verdict alone does not say (an early exit, a timeout).
+    pub reason: Option<&'static str>,
+    /// The last [`TAIL_LINES`] lines of stderr, at most [`TAIL_BYTES`] (lossy UTF-8), or why the
+    /// sandbox failed.
     pub stderr_tail: String,
     pub seconds: f64,
+}
+
+/// The layers that contained each sample, as recorded beside the results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protections {
+    /// Each sample ran under its own unprivileged uid (only when the harness runs as root).
+    pub uid_drop: bool,
+    /// The Landlock ABI in force: the filesystem from 1, TCP from 4, signals and abstract Unix
+    /// sockets from 6.
+    pub landlock_abi: Option<u32>,
+    pub seccomp: bool,
+    /// Namespaces each sample got, of user, pid, net, mount and ipc.
+    pub namespaces: Vec<String>,
+    /// `--unsandboxed` was given: code ran even where something was missing.
+    pub unsandboxed: bool,
+}
+
+impl Protections {
+    /// What is left uncontained: each entry names a kind of harm and the layers that would stop it.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let has = |ns: &str| self.namespaces.iter().any(|n| n == ns);
+        let abi = self.landlock_abi.unwrap_or(0);
+        let mut missing = Vec::new();
+        if abi == 0 && !self.uid_drop {
+            missing.push("files: no Landlock, and not root, so no uid to drop to");
+        }
+        if !has("net") && !(abi >= 4 && self.seccomp) {
+            missing.push("network: no network namespace, and no Landlock ABI 4 with seccomp");
+        }
+        if !has("pid") && !self.uid_drop && abi < 6 {
+            missing.push("processes: no PID namespace, not root, and no Landlock ABI 6");
+        }
+        missing
+    }
 }
 
 pub struct Sandbox {
@@ -160,6 +217,8 @@ pub struct Sandbox {
     _claim: Option<fs::File>,
     /// Whether the namespaces are in use; `new` turns them off if the kernel refuses them.
     namespaces: bool,
+    landlock: Option<landlock::Policy>,
+    seccomp: Option<Arc<seccomp::Filters>>,
     /// Indexes of idle workers; a worker's uid is `uid_base + index`.
     idle: Mutex<Vec<u32>>,
     freed: Condvar,
@@ -178,6 +237,17 @@ impl Drop for Slot<'_> {
         self.sandbox.freed.notify_one();
     }
 }
+
+/// What every program may read besides the interpreter's own folders: shared libraries, the
+/// loader's cache and harmless devices.
+const SYSTEM_READABLE: [&str; 8] =
+    ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache", "/dev/urandom", "/dev/zero"];
+
+/// Prints the folders the interpreter reads: its binary, its library folder and its import path.
+const INTERPRETER_PATHS: &str = "import json, os, sys, sysconfig\n\
+    paths = sysconfig.get_paths()\n\
+    print(json.dumps([os.path.realpath(sys.executable), sysconfig.get_config_var('LIBDIR') or '', \
+    *(paths[k] for k in ('stdlib', 'platstdlib', 'purelib', 'platlib')), *sys.path]))\n";
 
 impl Sandbox {
     /// Checks the configuration and runs a trivial program through the full sandbox, so a broken
@@ -198,14 +268,31 @@ impl Sandbox {
             (true, None) => claim_free_uids(workers)?,
         };
         if drop_uid {
-            // Orphans of sandboxed programs are re-parented to us so the sweep reaps them at once;
-            // left to a lazy init (as on this machine) their zombies would linger and count
+            // Orphans of sandboxed programs without a PID namespace are re-parented to us so the
+            // sweep reaps them at once; left to a lazy init their zombies would linger and count
             // against the worker uid's RLIMIT_NPROC.
             // SAFETY: prctl with integer arguments.
             if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
                 warn!(error = %io::Error::last_os_error(), "cannot become child subreaper");
             }
         }
+        let python = config.python.clone();
+        let error = |reason| SandboxError::Interpreter { python: python.clone(), reason };
+        let landlock = match landlock::abi() {
+            Some(abi) => {
+                let mut readable = interpreter_paths(&config.python).map_err(error)?;
+                readable.extend(SYSTEM_READABLE.iter().map(PathBuf::from));
+                let mut paths: Vec<(&Path, landlock::Access)> =
+                    readable.iter().map(|p| (p.as_path(), landlock::Access::Read)).collect();
+                paths.push((Path::new("/dev/null"), landlock::Access::Full));
+                Some(landlock::Policy::new(abi, &paths).map_err(|e| error(format!("Landlock rules: {e}")))?)
+            }
+            None => None,
+        };
+        let seccomp = match seccomp::available() {
+            true => seccomp::Filters::new().map_err(|e| error(format!("seccomp filter: {e}")))?.map(Arc::new),
+            false => None,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers)
             .thread_name(|i| format!("sandbox-{i}"))
@@ -214,14 +301,14 @@ impl Sandbox {
             drop_uid,
             uid_base,
             _claim: claim,
-            namespaces: drop_uid && config.namespaces,
+            namespaces: config.namespaces,
+            landlock,
+            seccomp,
             idle: Mutex::new((0..workers).rev().collect()),
             freed: Condvar::new(),
             pool,
             config,
         };
-        let python = sandbox.config.python.clone();
-        let error = |reason| SandboxError::Interpreter { python: python.clone(), reason };
         match sandbox.probe() {
             Ok(()) => {}
             // Only a child that could not start falls back: one that ran (and, say, timed out
@@ -229,11 +316,38 @@ impl Sandbox {
             Err((false, first)) if sandbox.namespaces => {
                 sandbox.namespaces = false;
                 sandbox.probe().map_err(|(_, second)| error(format!("{first}; without namespaces: {second}")))?;
-                warn!(reason = %first, "sandbox namespaces unavailable: programs keep network access and the host /tmp");
+                warn!(reason = %first, "sandbox namespaces unavailable");
             }
             Err((_, reason)) => return Err(error(reason)),
         }
+        let protections = sandbox.protections();
+        let missing = protections.missing().join("; ");
+        match (sandbox.config.unsandboxed, missing.is_empty()) {
+            (false, false) => return Err(SandboxError::Uncontained(missing)),
+            (true, false) => warn!("--unsandboxed: generated code runs uncontained here: {missing}"),
+            (true, true) => warn!("--unsandboxed given, though every layer is in force"),
+            (false, true) => {}
+        }
+        debug!(?protections, "sandbox ready");
         Ok(sandbox)
+    }
+
+    /// The layers each sample runs under.
+    pub fn protections(&self) -> Protections {
+        let mut namespaces = Vec::new();
+        if self.namespaces {
+            if !self.drop_uid {
+                namespaces.push("user".to_string());
+            }
+            namespaces.extend(["pid", "net", "mount", "ipc"].map(String::from));
+        }
+        Protections {
+            uid_drop: self.drop_uid,
+            landlock_abi: self.landlock.as_ref().map(landlock::Policy::abi),
+            seccomp: self.seccomp.is_some(),
+            namespaces,
+            unsandboxed: self.config.unsandboxed,
+        }
     }
 
     /// `Err((started, reason))`: whether the child got as far as the interpreter, and why not.
@@ -241,7 +355,7 @@ impl Sandbox {
         let slot = self.acquire();
         // It checks that the interpreter starts, not how fast: a loaded machine must not fail it.
         let timeout = self.config.timeout.max(Duration::from_secs(30));
-        match self.execute(slot.index, "import sys\nsys.exit(0)\n", timeout) {
+        match self.execute(slot.index, "pass\n", timeout) {
             Err(e) => Err((false, e.to_string())),
             Ok(outcome) if outcome.verdict == Verdict::Passed => Ok(()),
             Ok(outcome) => Err((true, format!("{}: {}", outcome.verdict, outcome.stderr_tail.trim()))),
@@ -254,6 +368,7 @@ impl Sandbox {
         let started = Instant::now();
         self.execute(slot.index, program, self.config.timeout).unwrap_or_else(|e| Outcome {
             verdict: Verdict::Error,
+            reason: None,
             stderr_tail: format!("sandbox: cannot start {}: {e}", self.config.python.display()),
             seconds: started.elapsed().as_secs_f64(),
         })
@@ -291,9 +406,30 @@ impl Sandbox {
         let config = &self.config;
         // Cannot overflow: `check_uids` bounded the range (and without root the uid is unused).
         let uid = self.uid_base.wrapping_add(index);
+        let (marker_read, marker_write) = pipe()?;
+        let marker = new_marker()?;
+        // At top level, after everything else; `os` is always loaded.
+        let source = format!("{program}\n__import__('os').write({}, b'{marker}')\n", marker_write.as_raw_fd());
         let host_dir = match self.namespaces {
             true => None,
-            false => Some(HostDir::create(program, self.drop_uid.then_some(uid))?),
+            false => Some(HostDir::create(&source, self.drop_uid.then_some(uid))?),
+        };
+        let ruleset = match &self.landlock {
+            Some(policy) => {
+                let ruleset = policy.ruleset()?;
+                if let Some(dir) = &host_dir {
+                    let folder = fs::File::open(&dir.path)?;
+                    landlock::add_rule(
+                        ruleset.as_raw_fd(),
+                        folder.as_raw_fd(),
+                        landlock::Access::Full,
+                        true,
+                        policy.abi(),
+                    )?;
+                }
+                Some((ruleset, policy.abi()))
+            }
+            None => None,
         };
         let home = host_dir.as_ref().map_or(Path::new("/tmp"), |dir| dir.path.as_path());
         let mut command = Command::new(&config.python);
@@ -310,147 +446,137 @@ impl Sandbox {
         if let Some(dir) = &host_dir {
             command.current_dir(&dir.path);
         }
+        // SAFETY: getuid and getgid have no preconditions.
+        let (my_uid, my_gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (owner, group) = if self.drop_uid { (uid, uid) } else { (my_uid, my_gid) };
         let scratch = match self.namespaces {
             true => Some((
-                CString::new(format!("size={},mode=0700,uid={uid},gid={uid}", config.scratch_bytes))
-                    .map_err(io::Error::other)?,
-                program.as_bytes().to_vec(),
+                cstring(format!("size={},mode=0700,uid={owner},gid={group}", config.scratch_bytes))?,
+                source.into_bytes(),
             )),
             false => None,
         };
         let setup = ChildSetup {
             uid: self.drop_uid.then_some(uid),
+            user_maps: match self.namespaces && !self.drop_uid {
+                true => Some((cstring(format!("{my_uid} {my_uid} 1\n"))?, cstring(format!("{my_gid} {my_gid} 1\n"))?)),
+                false => None,
+            },
             scratch,
-            memory: config.memory_bytes,
-            cpu: config.cpu_seconds,
-            file_size: config.file_size_bytes,
-            processes: config.max_processes,
+            limits: ChildSetup::limits(
+                config.memory_bytes,
+                config.cpu_seconds,
+                config.file_size_bytes,
+                config.max_processes,
+            ),
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
+            marker_fd: marker_write.as_raw_fd(),
+            landlock: ruleset.as_ref().map(|(fd, abi)| (fd.as_raw_fd(), *abi)),
+            seccomp: self.seccomp.clone(),
         };
         // SAFETY: `ChildSetup::apply` only makes async-signal-safe libc calls and never allocates.
         unsafe { command.pre_exec(move || setup.apply()) };
         let started = Instant::now();
         let mut child = command.spawn()?;
-        let outcome = supervise(&mut child, started, timeout);
+        // The child has its copies; ours would keep the marker pipe open.
+        drop((marker_write, ruleset));
+        let run = supervise(&mut child, started, timeout);
         if self.drop_uid {
             sweep_uid(uid);
         }
         drop(host_dir);
+        let outcome = run.outcome(read_marker(&marker_read) == marker.as_bytes());
         debug!(uid, verdict = %outcome.verdict, seconds = outcome.seconds, "sandboxed program finished");
         Ok(outcome)
     }
 }
 
-/// The child's setup between fork and exec, prepared beforehand because it may not allocate.
-struct ChildSetup {
-    /// Root only: the worker uid (and gid) to switch to.
-    uid: Option<libc::uid_t>,
-    /// With namespaces: tmpfs mount options, and the program to write into the fresh `/tmp`.
-    scratch: Option<(CString, Vec<u8>)>,
-    memory: u64,
-    cpu: u64,
-    file_size: u64,
-    processes: u64,
-    parent: libc::pid_t,
-}
-
-impl ChildSetup {
-    fn apply(&self) -> io::Result<()> {
-        // prctl reads its optional arguments as unsigned longs.
-        const ONE: libc::c_ulong = 1;
-        const ZERO: libc::c_ulong = 0;
-        // SAFETY: plain syscalls on valid pointers into `self`, static strings or the stack.
-        unsafe {
-            // Own session and process group, so the whole group can be killed at once.
-            check(libc::setsid())?;
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, ONE, ZERO, ZERO, ZERO))?;
-            if let Some((options, _)) = &self.scratch {
-                check(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWIPC))?;
-                // Our mounts must not propagate back to the host.
-                let flags = libc::MS_REC | libc::MS_PRIVATE;
-                check(libc::mount(ptr::null(), c"/".as_ptr(), ptr::null(), flags, ptr::null()))?;
-                for (i, dir) in SCRATCH_DIRS.iter().enumerate() {
-                    let flags = libc::MS_NOSUID | libc::MS_NODEV;
-                    let rc =
-                        libc::mount(c"tmpfs".as_ptr(), dir.as_ptr(), c"tmpfs".as_ptr(), flags, options.as_ptr().cast());
-                    let error = io::Error::last_os_error();
-                    // Only /tmp, the working directory, must exist.
-                    if rc != 0 && (i == 0 || error.raw_os_error() != Some(libc::ENOENT)) {
-                        return Err(error);
-                    }
-                }
-                check(libc::chdir(c"/tmp".as_ptr()))?;
-            }
-            let limits = [
-                (libc::RLIMIT_AS, self.memory, self.memory),
-                (libc::RLIMIT_CPU, self.cpu, self.cpu.saturating_add(1)),
-                (libc::RLIMIT_FSIZE, self.file_size, self.file_size),
-                (libc::RLIMIT_NPROC, self.processes, self.processes),
-                (libc::RLIMIT_NOFILE, OPEN_FILES, OPEN_FILES),
-                (libc::RLIMIT_CORE, 0, 0),
-            ];
-            for (resource, soft, hard) in limits {
-                // Never above our own hard limit: raising it needs CAP_SYS_RESOURCE, which root may lack.
-                let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-                check(libc::getrlimit(resource, &mut current))?;
-                let hard = hard.min(current.rlim_max);
-                check(libc::setrlimit(resource, &libc::rlimit { rlim_cur: soft.min(hard), rlim_max: hard }))?;
-            }
-            if let Some(uid) = self.uid {
-                check(libc::setgroups(0, ptr::null()))?;
-                check(libc::setresgid(uid, uid, uid))?;
-                check(libc::setresuid(uid, uid, uid))?;
-                // Never run the program as root because an id change silently did not happen.
-                if libc::getuid() != uid || libc::geteuid() != uid || libc::getgid() != uid || libc::getegid() != uid {
-                    return Err(io::Error::from_raw_os_error(libc::EPERM));
-                }
-                // Set after the uid change, which clears it; dies with the harness.
-                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong))?;
-                if libc::getppid() != self.parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-            }
-            if let Some((_, program)) = &self.scratch {
-                write_new_file(c"main.py", program)?;
-            }
-        }
-        Ok(())
+/// The interpreter's binary and folders, as it reports them (run outside the sandbox: only our
+/// own fixed program runs here).
+fn interpreter_paths(python: &Path) -> Result<Vec<PathBuf>, String> {
+    let output = Command::new(python)
+        .args(["-I", "-c", INTERPRETER_PATHS])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start it: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()));
     }
+    let paths: Vec<String> =
+        serde_json::from_slice(&output.stdout).map_err(|e| format!("cannot read its paths: {e}"))?;
+    Ok(paths.into_iter().filter(|p| !p.is_empty()).map(PathBuf::from).collect())
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
-    match rc {
-        -1 => Err(io::Error::last_os_error()),
-        _ => Ok(()),
+fn cstring(text: String) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(text).map_err(io::Error::other)
+}
+
+/// Both ends close on exec; the child clears the flag on the write end it hands on.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: the kernel just returned these descriptors to us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Safe between fork and exec: no allocation.
-fn write_new_file(path: &CStr, mut bytes: &[u8]) -> io::Result<()> {
-    // SAFETY: `path` is NUL-terminated and `bytes` is a valid buffer.
-    unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600);
-        check(fd)?;
-        while !bytes.is_empty() {
-            let written = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
-            let error = io::Error::last_os_error();
-            match usize::try_from(written) {
-                Ok(n) if n > 0 => bytes = bytes.get(n..).unwrap_or_default(),
-                _ if error.kind() == io::ErrorKind::Interrupted => {}
-                _ => {
-                    libc::close(fd);
-                    return Err(error);
-                }
+/// 128 random bits, hex: no program can guess it.
+fn new_marker() -> io::Result<String> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: `bytes` is a valid buffer of its length.
+    if unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) } != bytes.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the program wrote to the marker pipe (at most a little more than a marker).
+fn read_marker(pipe: &OwnedFd) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    // SAFETY: reading into a valid buffer from a non-blocking pipe we own.
+    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    buf[..usize::try_from(n).unwrap_or(0)].to_vec()
+}
+
+/// How a program ended, before the marker is checked.
+struct Run {
+    status: io::Result<ExitStatus>,
+    timed_out: bool,
+    stderr_tail: String,
+    seconds: f64,
+}
+
+impl Run {
+    /// `finished`: the program's last statement wrote its marker.
+    fn outcome(self, finished: bool) -> Outcome {
+        let tail = &self.stderr_tail;
+        let failed_assert = tail.lines().any(|line| line.starts_with("AssertionError"));
+        // An uncaught exception (or a syntax error) names itself on stderr.
+        let raised = tail
+            .lines()
+            .any(|line| line.contains("Error") || line.contains("Exception") || line.starts_with("Traceback"));
+        let (verdict, reason) = match &self.status {
+            _ if self.timed_out => (Verdict::Timeout, Some("ran past its time limit")),
+            Ok(status) if status.signal() == Some(libc::SIGXCPU) => (Verdict::Timeout, Some("used up its CPU time")),
+            Ok(status) if status.success() && finished => (Verdict::Passed, None),
+            Ok(status) if status.code().is_some() && failed_assert => (Verdict::Failed, Some("a test failed")),
+            Ok(status) if status.success() || (status.code().is_some() && !raised) => {
+                (Verdict::Failed, Some(EARLY_EXIT))
             }
-        }
-        check(libc::close(fd))
+            _ => (Verdict::Error, None),
+        };
+        Outcome { verdict, reason, stderr_tail: self.stderr_tail, seconds: self.seconds }
     }
 }
 
 /// Waits for the child or the deadline, keeping the tail of its stderr, then kills its process
-/// group either way and classifies the run.
-fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Outcome {
+/// group either way.
+fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Run {
     let mut stderr = child.stderr.take();
     if let Some(pipe) = &stderr {
         set_nonblocking(pipe);
@@ -477,7 +603,8 @@ fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Outcome 
     };
     let seconds = started.elapsed().as_secs_f64();
     // The child is not reaped yet, so its pid, which is also its process group id, cannot have
-    // been reused: this kills only what is left of its group.
+    // been reused: this kills only what is left of its group (and with the PID namespace's
+    // first process, all the namespace holds).
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill has no memory preconditions; a negative pid names a process group.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
@@ -487,21 +614,19 @@ fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Outcome 
     if let Some(pipe) = stderr.as_mut() {
         pump(pipe, Duration::ZERO, &mut tail);
     }
-    // Start on a character boundary rather than with replacement characters.
-    let mut start = tail.len().saturating_sub(TAIL_BYTES);
+    Run { status, timed_out, stderr_tail: scrub_tail(&tail), seconds }
+}
+
+/// The last [`TAIL_LINES`] lines, at most [`TAIL_BYTES`], starting on a character boundary.
+fn scrub_tail(tail: &[u8]) -> String {
+    let body = tail.strip_suffix(b"\n").unwrap_or(tail);
+    let newlines = body.iter().enumerate().rev().filter(|&(_, &b)| b == b'\n');
+    let lines_start = newlines.map(|(i, _)| i + 1).nth(TAIL_LINES - 1).unwrap_or(0);
+    let mut start = lines_start.max(tail.len().saturating_sub(TAIL_BYTES));
     while tail.get(start).is_some_and(|b| b & 0xC0 == 0x80) {
         start += 1;
     }
-    let stderr_tail = String::from_utf8_lossy(&tail[start..]).into_owned();
-    let failed_assert = || stderr_tail.lines().any(|line| line.starts_with("AssertionError"));
-    let verdict = match status {
-        _ if timed_out => Verdict::Timeout,
-        Ok(status) if status.success() => Verdict::Passed,
-        Ok(status) if status.signal() == Some(libc::SIGXCPU) => Verdict::Timeout,
-        Ok(status) if status.code() == Some(1) && failed_assert() => Verdict::Failed,
-        _ => Verdict::Error,
-    };
-    Outcome { verdict, stderr_tail, seconds }
+    String::from_utf8_lossy(&tail[start..]).into_owned()
 }
 
 /// Checks for exit without reaping (`WNOWAIT`), so the pid stays reserved until its group is
@@ -786,21 +911,91 @@ mod tests {
     fn verdicts_and_stderr_tail() {
         let sandbox = sandbox(config(62_000));
         let flood = "import sys\nsys.stderr.write('x' * 10_000_000 + 'END')\nsys.exit(2)\n";
+        let many_lines =
+            "import sys\nfor i in range(100):\n    print(f'line {i}', file=sys.stderr)\nraise ValueError('last')\n";
         let cases = [
-            ("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n", Verdict::Passed, ""),
-            ("assert 1 + 1 == 3, 'maths'\n", Verdict::Failed, "AssertionError: maths"),
-            ("def f(:\n    pass\n", Verdict::Error, "SyntaxError"),
-            ("import json\njson.loads('{')\n", Verdict::Error, "JSONDecodeError"),
-            ("x = 1\0\n\u{fffd}é\n", Verdict::Error, "SyntaxError"),
-            ("import os\nos.kill(os.getpid(), 9)\n", Verdict::Error, ""),
-            (flood, Verdict::Error, "xxxEND"),
+            ("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n", Verdict::Passed, "", None),
+            ("assert 1 + 1 == 3, 'maths'\n", Verdict::Failed, "AssertionError: maths", Some("a test failed")),
+            ("def f(:\n    pass\n", Verdict::Error, "SyntaxError", None),
+            ("import json\njson.loads('{')\n", Verdict::Error, "JSONDecodeError", None),
+            ("x = 1\0\n\u{fffd}é\n", Verdict::Error, "SyntaxError", None),
+            ("import os\nos.kill(os.getpid(), 9)\n", Verdict::Error, "", None),
+            (flood, Verdict::Failed, "xxxEND", Some(EARLY_EXIT)),
+            (many_lines, Verdict::Error, "ValueError: last", None),
+            ("import time, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.01)\n", Verdict::Timeout, "", Some("ran past its time limit")),
         ];
-        for (program, verdict, needle) in cases {
+        for (program, verdict, needle, reason) in cases {
             let outcome = sandbox.run(program);
             assert_eq!(outcome.verdict, verdict, "{program:?}: {}", outcome.stderr_tail);
+            assert_eq!(outcome.reason, reason, "{program:?}");
             assert!(outcome.stderr_tail.contains(needle), "{program:?}: {}", outcome.stderr_tail);
             assert!(outcome.stderr_tail.len() <= TAIL_BYTES, "{}", outcome.stderr_tail.len());
+            assert!(outcome.stderr_tail.lines().count() <= TAIL_LINES, "{}", outcome.stderr_tail);
         }
+    }
+
+    #[test]
+    fn a_pass_needs_the_last_statement() {
+        let sandbox = sandbox(config(62_050));
+        let exits = [
+            "import sys\nsys.exit(0)\n",
+            "import os\nos._exit(0)\n",
+            "raise SystemExit\n",
+            "exit()\n",
+            "quit()\n",
+            "def main():\n    return 0\nimport sys\nsys.exit(main())\n",
+            "import sys\nsys.exit(3)\n",
+        ];
+        for program in exits {
+            let outcome = sandbox.run(&format!("{program}assert False, 'the tests ran'\n"));
+            assert_eq!(
+                (outcome.verdict, outcome.reason),
+                (Verdict::Failed, Some(EARLY_EXIT)),
+                "{program:?}: {}",
+                outcome.stderr_tail
+            );
+        }
+        // The tests ran and failed; an exit handler then ends the process with status 0.
+        let atexit = "import atexit, os\natexit.register(lambda: os._exit(0))\nassert 1 == 2\n";
+        let outcome = sandbox.run(atexit);
+        assert_eq!(
+            (outcome.verdict, outcome.reason),
+            (Verdict::Failed, Some("a test failed")),
+            "{}",
+            outcome.stderr_tail
+        );
+        // Closing the marker's pipe costs the pass.
+        assert_ne!(sandbox.run("import os\nos.closerange(3, 128)\n").verdict, Verdict::Passed);
+        // A marker of its own making is not the run's.
+        let forged = "import os\nfor fd in range(3, 20):\n    try: os.write(fd, b'0' * 32)\n    except OSError: pass\nos._exit(0)\n";
+        assert_eq!(sandbox.run(forged).verdict, Verdict::Failed);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_within_bounds() {
+        let text: String = (0..50).map(|i| format!("line {i}\n")).collect();
+        let tail = scrub_tail(text.as_bytes());
+        assert_eq!(tail.lines().count(), TAIL_LINES);
+        assert!(tail.starts_with("line 40\n") && tail.ends_with("line 49\n"), "{tail}");
+        let long = format!("{}é{}", "a".repeat(5000), "b".repeat(TAIL_BYTES - 1));
+        let tail = scrub_tail(long.as_bytes());
+        assert!(tail.len() <= TAIL_BYTES && tail.chars().all(|c| c == 'b'), "{}", tail.len());
+        assert_eq!(scrub_tail(b"one\ntwo"), "one\ntwo");
+    }
+
+    #[test]
+    fn protections_are_recorded_and_required() {
+        let sandbox = sandbox(config(62_060));
+        let protections = sandbox.protections();
+        assert!(protections.missing().is_empty(), "{protections:?}");
+        assert_eq!(protections.landlock_abi, landlock::abi());
+        let bare =
+            Protections { uid_drop: false, landlock_abi: None, seccomp: false, namespaces: vec![], unsandboxed: false };
+        assert_eq!(bare.missing().len(), 3);
+        let landlock_only = Protections { landlock_abi: Some(6), seccomp: true, ..bare.clone() };
+        assert!(landlock_only.missing().is_empty());
+        let old_landlock = Protections { landlock_abi: Some(3), ..landlock_only };
+        assert_eq!(old_landlock.missing().len(), 2, "{:?}", old_landlock.missing());
     }
 
     #[test]
@@ -867,63 +1062,86 @@ mod tests {
 
     #[test]
     fn cannot_touch_files_outside() {
-        let Some(sandbox) = root_sandbox("cannot_touch_files_outside", config(62_500)) else { return };
-        let dir = visible_dir(0o755);
+        let sandbox = sandbox(config(62_500));
+        let dir = visible_dir(0o777);
         let victim = dir.path().join("victim.txt");
         fs::write(&victim, "keep").unwrap();
-        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
-        // Reading first shows the file is visible: only permissions stop the removal.
-        let program = format!("import os\nassert open({victim:?}).read() == 'keep'\nos.remove({victim:?})\n");
-        let outcome = sandbox.run(&program);
-        assert_eq!(outcome.verdict, Verdict::Error, "{}", outcome.stderr_tail);
-        assert!(outcome.stderr_tail.contains("PermissionError"), "{}", outcome.stderr_tail);
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o666)).unwrap();
+        // Each on its own: a world-writable file is out of reach whoever runs the harness (and
+        // wherever the checkout lives: under /tmp it is hidden by the private /tmp).
+        let attempts = [
+            format!("open({victim:?}).read()\n"),
+            format!("open({victim:?}, 'a').write('pwned')\n"),
+            format!("import os\nos.remove({victim:?})\n"),
+            format!("open({:?}, 'w').write('x')\n", dir.path().join("new.txt")),
+            "open('/etc/hostname').read()\n".to_string(),
+        ];
+        for program in &attempts {
+            let outcome = sandbox.run(program);
+            assert_eq!(outcome.verdict, Verdict::Error, "{program}: {}", outcome.stderr_tail);
+            assert!(outcome.stderr_tail.contains("Error"), "{program}: {}", outcome.stderr_tail);
+        }
         assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         // Files left in world-writable directories vanish with the sample.
         let name = format!("grape-sandbox-left-{}", std::process::id());
         let dirs = ["/tmp", "/var/tmp", "/dev/shm"];
-        let leave = format!("for d in {dirs:?}:\n    open(d + '/{name}', 'w').write('x')\n");
+        let leave =
+            format!("for d in {dirs:?}:\n    try: open(d + '/{name}', 'w').write('x')\n    except OSError: pass\n");
         assert_eq!(sandbox.run(&leave).verdict, Verdict::Passed);
-        let find = format!("import os\nassert not any(os.path.exists(d + '/{name}') for d in {dirs:?})\n");
+        let find = format!("import os\nassert not any(os.path.exists(d + '/{name}') for d in {dirs:?}[1:])\n");
         assert_eq!(sandbox.run(&find).verdict, Verdict::Passed);
         assert!(dirs.iter().all(|d| !Path::new(d).join(&name).exists()));
     }
 
     #[test]
     fn no_network() {
-        let Some(sandbox) = root_sandbox("no_network", config(62_600)) else { return };
+        let sandbox = sandbox(config(62_600));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
-        for target in [format!("('127.0.0.1', {port})"), "('1.1.1.1', 80)".to_string()] {
-            let program = format!("import socket\nsocket.create_connection({target}, timeout=1).close()\n");
-            let outcome = sandbox.run(&program);
-            assert_eq!(outcome.verdict, Verdict::Error, "{target}: {}", outcome.stderr_tail);
-            assert!(outcome.stderr_tail.contains("OSError"), "{target}: {}", outcome.stderr_tail);
+        let attempts = [
+            format!("import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"),
+            "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1).close()\n".to_string(),
+            format!("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', {port}))\n"),
+            "import socket\nsocket.socket(socket.AF_INET6, socket.SOCK_STREAM).bind(('::1', 0))\n".to_string(),
+        ];
+        for program in &attempts {
+            let outcome = sandbox.run(program);
+            assert_eq!(outcome.verdict, Verdict::Error, "{program}: {}", outcome.stderr_tail);
+            assert!(outcome.stderr_tail.contains("Error"), "{program}: {}", outcome.stderr_tail);
         }
         let accepted = listener.accept();
         assert!(accepted.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock), "{accepted:?}");
+        // Unix socket pairs (multiprocessing's) still work.
+        let pair = "import socket\na, b = socket.socketpair()\na.sendall(b'hi')\nassert b.recv(2) == b'hi'\n";
+        assert_eq!(sandbox.run(pair).verdict, Verdict::Passed);
     }
 
     #[test]
     fn setsid_grandchild_is_killed() {
         let uid = 62_700;
         let Some(sandbox) = root_sandbox("setsid_grandchild_is_killed", config(uid)) else { return };
-        let dir = visible_dir(0o777);
-        // Control: the sandbox can write there, so the marker's absence below means something.
-        let control = dir.path().join("control");
-        let outcome = sandbox.run(&format!("open({control:?}, 'w').write('x')\n"));
-        assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.stderr_tail);
-        assert!(control.exists());
-        let marker = dir.path().join("marker");
-        let program = format!(
+        let program =
             "import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    os.write(w, b'x')\n    \
-             time.sleep(2)\n    open({marker:?}, 'w').write('escaped')\n    os._exit(0)\nos.read(r, 1)\n"
-        );
-        let outcome = sandbox.run(&program);
+                       time.sleep(30)\n    os._exit(0)\nos.read(r, 1)\n";
+        let outcome = sandbox.run(program);
         assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.stderr_tail);
         assert_eq!(owned_by(uid), Vec::<String>::new());
-        std::thread::sleep(Duration::from_millis(2500));
-        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn signals_reach_only_the_sample() {
+        let sandbox = sandbox(config(62_750));
+        for program in ["import os\nos.kill(os.getppid(), 9)\n", "import os\nos.kill(1, 9)\n"] {
+            // Whatever it hit, the harness lives on to grade it.
+            let outcome = sandbox.run(program);
+            assert_ne!(outcome.verdict, Verdict::Timeout, "{program}: {}", outcome.stderr_tail);
+        }
+        // kill(-1) reaches its own processes at most: this test process survives it.
+        let outcome = sandbox.run("import os\nos.kill(-1, 9)\n");
+        assert_ne!(outcome.verdict, Verdict::Timeout, "{}", outcome.stderr_tail);
+        assert_eq!(sandbox.run("pass\n").verdict, Verdict::Passed);
     }
 
     #[test]
@@ -961,6 +1179,7 @@ mod tests {
         assert!(cwd.starts_with(std::env::temp_dir()), "{}", cwd.display());
         assert!(!cwd.exists(), "{} left behind", cwd.display());
         assert_eq!(owned_by(uid), Vec::<String>::new());
+        assert!(sandbox.protections().namespaces.is_empty());
     }
 
     #[test]
