@@ -174,7 +174,14 @@ fn bench_key(benches: &[eval::benchmark::Benchmark]) -> Result<Vec<String>> {
         .iter()
         .map(|b| {
             let spec = std::fs::read(&b.spec_path).map_err(|e| Error::io(&b.spec_path, e))?;
-            Ok(crate::util::sha256_bytes(&spec))
+            let spec = crate::util::sha256_bytes(&spec);
+            // Code verdicts changed meaning once: evaluations graded before are not reused.
+            Ok(match b.spec.grader {
+                eval::benchmark::Grader::Code { .. } => {
+                    crate::util::sha256_bytes(format!("{spec}\0{}", sandbox::VERDICTS).as_bytes())
+                }
+                eval::benchmark::Grader::Math { .. } => spec,
+            })
         })
         .collect()
 }

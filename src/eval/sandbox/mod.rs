@@ -60,6 +60,8 @@ const SLICE: Duration = Duration::from_millis(5);
 pub const AUTO_UID_START: u32 = 60_000;
 pub const AUTO_UID_BLOCK: u32 = 64;
 const AUTO_UID_BLOCKS: u32 = 16;
+/// What a code verdict means, in the keys of finished evaluations: changing it re-grades them.
+pub const VERDICTS: &str = "passed = exit 0 after the last statement";
 /// The reason given for a program that ended without reaching its last statement.
 pub const EARLY_EXIT: &str = "exited before its tests finished";
 
