@@ -63,6 +63,19 @@ fn score_select_and_stats() {
     // The same store under another chat template is another model: refused, not mixed.
     let err = common::one_error_line(&harness(&[&args[..], &["--template", "chatml", "--out", out.to_str().unwrap()]].concat(), &cache));
     assert!(err.contains("scores.parquet") && err.contains("fingerprint"), "{err}");
+    // So is the same model under another scoring template.
+    let qa = ["--score-template", "question-answer", "--out", out.to_str().unwrap()];
+    let err = common::one_error_line(&harness(&[&args[..], &qa].concat(), &cache));
+    assert!(err.contains("scores.parquet") && err.contains("fingerprint"), "{err}");
+    let qa_scores = dir.path().join("qa.parquet");
+    let qa_args = ["score", "--model", "stories260k", "--pool", pool_s, "--score-template", "question-answer", "--out"];
+    let said = succeeded(&harness(&[&qa_args[..], &[qa_scores.to_str().unwrap()]].concat(), &cache));
+    assert!(said.contains("scored 5 new candidates"), "{said}");
+    let err = common::one_error_line(&harness(&["score", "--model", "stories260k", "--pool", pool_s, "--out", qa_scores.to_str().unwrap()], &cache));
+    assert!(err.contains("qa.parquet") && err.contains("fingerprint"), "{err}");
+    // A store made at another maximum length is explained, not silently rescored.
+    let err = common::one_error_line(&harness(&[&args[..], &["--max-len", "64", "--out", out.to_str().unwrap()]].concat(), &cache));
+    assert!(err.contains("--max-len 2048, not 64"), "{err}");
 }
 
 #[test]

@@ -105,3 +105,52 @@ fn long_pairs_are_truncated_and_flagged_or_skipped() {
     let skipped = score::score(&m, &groups, &opts).unwrap();
     assert!(skipped[0][0].is_some() && skipped[0][1].is_none());
 }
+
+#[test]
+fn pairs_of_the_models_full_length_score_beside_long_shared_prompts() {
+    // stories260K has 2048 positions, the default max length. A long shared prompt with short
+    // answers batched with a pair cut at the full length used to give its padding positions
+    // past the model's end ("position 2048 exceeds the model's 2048 rotary positions").
+    let Some(m) = with_decoder(None) else { return };
+    let positions = m.config.max_position_embeddings;
+    assert_eq!(ScoreOptions::default().max_len, positions);
+    let groups = vec![
+        Group { prompt: "Tell me a story.".into(), responses: vec!["The dog ran and ran. ".repeat(400)] },
+        Group { prompt: "Once upon a time there was a cat. ".repeat(180), responses: vec!["Yes.".into(), "No, a dog.".into()] },
+    ];
+    let long = m.encode_pair(&groups[0].prompt, &groups[0].responses[0]).unwrap();
+    assert!(long.ids.len() > positions, "{}", long.ids.len());
+    let prompt = m.encode_pair(&groups[1].prompt, "Yes.").unwrap().first_response;
+    assert!(prompt > positions / 2, "{prompt}");
+    let opts = options(1 << 20, true);
+    let fast = score::score(&m, &groups, &opts).unwrap();
+    let full = fast[0][0].as_ref().unwrap();
+    assert!(full.truncated);
+    assert_eq!(full.n_tokens, positions - long.first_response, "every position up to the last scored");
+    for (g, group) in groups.iter().enumerate() {
+        let naive = score::score_naive(&m, group, &opts).unwrap();
+        for (a, b) in fast[g].iter().zip(&naive) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert!((a.sum_logprob - b.sum_logprob).abs() <= 1e-3 * a.n_tokens as f64, "{a:?} vs {b:?}");
+        }
+    }
+    // A longer max length is cut to the model's positions.
+    let beyond = ScoreOptions { max_len: 4 * positions, ..opts };
+    assert_eq!(beyond.fitted(&m).max_len, positions);
+    assert_eq!(score::score(&m, &groups[..1], &beyond).unwrap()[0][0].as_ref().unwrap().n_tokens, full.n_tokens);
+}
+
+#[test]
+fn the_question_answer_template_scores_the_response_after_answer() {
+    let Some(m) = with_decoder(None) else { return };
+    let qa = m.with_template("question-answer").unwrap();
+    assert_ne!(qa.fingerprint().unwrap(), m.fingerprint().unwrap());
+    let pair = qa.template.render_pair("Who ran?", "The dog ran.").unwrap();
+    assert_eq!(&pair.text[pair.response_start..], " The dog ran.</s>");
+    assert!(pair.text.ends_with("Question: Who ran?\nAnswer: The dog ran.</s>"), "{:?}", pair.text);
+    let encoded = qa.encode_pair("Who ran?", "The dog ran.").unwrap();
+    let tokens = qa.tokenizer.inner.decode(&encoded.ids[encoded.first_response..], false).unwrap();
+    let before = qa.tokenizer.inner.decode(&encoded.ids[..encoded.first_response], false).unwrap();
+    assert!(before.trim_end().ends_with("Answer:"), "{before:?}");
+    assert!(tokens.trim_start().starts_with("The dog ran."), "{tokens:?}");
+}

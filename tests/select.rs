@@ -77,6 +77,24 @@ fn grape_takes_the_argmax_and_lowest_the_argmin_under_each_normalisation() {
 }
 
 #[test]
+fn grape_and_lowest_default_to_the_mean_log_probability() {
+    // The final version of the paper keeps the highest length-normalised probability.
+    let (_, scores) = pool_and_scores();
+    let (grape, lowest) = (run("grape", &[], 0), run("lowest", &[], 0));
+    for (i, inst_scores) in scores.iter().enumerate() {
+        let mean: Vec<f64> = inst_scores.iter().map(|s| s.as_ref().map_or(f64::NAN, |s| s.sum_logprob / s.n_tokens as f64)).collect();
+        // Ties go to the earlier candidate.
+        let best = (0..mean.len()).fold(0, |b, j| if mean[j] > mean[b] { j } else { b });
+        let worst = (0..mean.len()).fold(0, |w, j| if mean[j] < mean[w] { j } else { w });
+        assert_eq!(picks_of(&grape, i), vec![best], "instruction {i}: {mean:?}");
+        assert_eq!(picks_of(&lowest, i), vec![worst], "instruction {i}: {mean:?}");
+    }
+    // Instruction 0 is where the mean and the sum disagree: the sum's pick is candidate 1.
+    assert_eq!(picks_of(&grape, 0), vec![2]);
+    assert_eq!(picks_of(&run("grape", &[("normalize", "sum")], 0), 0), vec![1]);
+}
+
+#[test]
 fn k_picks_are_best_first_and_counts_hold() {
     let (pool, _) = pool_and_scores();
     let grape = run("grape", &[("k", "2")], 0);
@@ -163,11 +181,12 @@ fn manifest_and_sft_files_are_written_in_messages_format() {
     assert_eq!(sft.lines().count(), selection.picks.len());
     let first: serde_json::Value = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
     assert_eq!(first["instruction_id"], "differs");
-    assert_eq!(first["source"], "m1");
+    // The best mean log-probability of instruction 0 is candidate 2's.
+    assert_eq!(first["source"], "m2");
     assert_eq!(first["selector"], "grape");
     let row: serde_json::Value = serde_json::from_str(sft.lines().next().unwrap()).unwrap();
     assert_eq!(row["messages"][0]["role"], "user");
-    assert_eq!(row["messages"][1]["content"], "r1");
+    assert_eq!(row["messages"][1]["content"], "r2");
 }
 
 #[test]

@@ -224,3 +224,21 @@ fn bad_training_input_is_named() {
 fn write_row(prompt: &str, response: &str) -> String {
     serde_json::json!({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}).to_string()
 }
+
+#[test]
+fn an_example_whose_prompt_fills_the_maximum_length_is_skipped_and_counted() {
+    let Some((m, vars)) = stories() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let long_prompt = "Once upon a time there was a cat. ".repeat(20);
+    let rows = [(EXAMPLES[0].0, EXAMPLES[0].1), (long_prompt.as_str(), "The cat slept."), (EXAMPLES[1].0, EXAMPLES[1].1)];
+    let data = train::data::read(&write_sft(dir.path(), &rows), &m, 64).unwrap();
+    assert_eq!((data.examples.len(), data.skipped), (2, 1));
+    let report = train::train(&target(&m, &vars), &data, &config(2), &dir.path().join("run"), false, false).unwrap();
+    assert_eq!((report.skipped_examples, report.steps), (1, 2));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap()).unwrap();
+    assert_eq!(written["skipped_examples"], 1);
+    // Only when nothing is left is it an error, which says why.
+    let err = train::data::read(&write_sft(dir.path(), &rows[1..2]), &m, 64).err().unwrap().to_string();
+    assert!(err.contains("no training examples (1 skipped"), "{err}");
+}

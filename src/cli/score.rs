@@ -44,9 +44,21 @@ pub struct ScoringArgs {
     /// Also store each response token's log-probability.
     #[arg(long)]
     token_logprobs: bool,
+    /// Score under this built-in template instead of the model's (training) one:
+    /// question-answer is GRAPE's `Question: ...\nAnswer: ...`; also chatml, tulu, plain.
+    #[arg(long)]
+    score_template: Option<String>,
 }
 
 impl ScoringArgs {
+    /// The model as it scores: under `--score-template` when given.
+    fn scorer(&self, model: LoadedModel) -> anyhow::Result<LoadedModel> {
+        match &self.score_template {
+            Some(name) => model.with_template(name).with_context(|| format!("--score-template {name}")),
+            None => Ok(model),
+        }
+    }
+
     fn options(&self) -> ScoreOptions {
         ScoreOptions {
             max_len: self.max_len,
@@ -156,7 +168,7 @@ fn score_pool(
         all.len(),
         pool.candidate_count(),
         all.iter().filter(|s| s.truncated).count(),
-        options.max_len,
+        options.fitted(model).max_len,
         store.path().display(),
         store.len()
     );
@@ -167,7 +179,7 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let whole = args.pool.read()?;
     let sharded = args.shard.map(|s| s.of(&whole));
     let pool = sharded.as_ref().unwrap_or(&whole);
-    let model = load(&args.model.model, args.model.template.as_deref())?;
+    let model = args.scoring.scorer(load(&args.model.model, args.model.template.as_deref())?)?;
     let fingerprint = model.fingerprint()?;
     let mut store = ScoreStore::open(&args.out, &fingerprint)
         .with_context(|| format!("opening the score store {}", args.out.display()))?;
@@ -203,12 +215,24 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
     let (scores, trajectories) = match needs {
         Needs::Nothing => (None, None),
         Needs::Scores => {
-            let model = load(model_for("ranks by scores")?, args.template.as_deref())?;
+            let model = args.scoring.scorer(load(model_for("ranks by scores")?, args.template.as_deref())?)?;
             let fingerprint = model.fingerprint()?;
             let path = args.scores.clone().unwrap_or_else(|| ScoreStore::default_path(&fingerprint));
             let mut store = ScoreStore::open(&path, &fingerprint)
                 .with_context(|| format!("opening the score store {}", path.display()))?;
-            (Some(score_pool(&model, &pool, &args.scoring.options(), &mut store)?), None)
+            let options = args.scoring.options();
+            // A store given by name was made for this selection: never rescore it silently.
+            let (asked, held) = (options.fitted(&model).max_len, store.max_lens());
+            if args.scores.is_some() && !held.is_empty() && !held.contains(&asked) {
+                let held: Vec<String> = held.iter().map(usize::to_string).collect();
+                anyhow::bail!(
+                    "{} holds scores made with --max-len {}, not {asked}: pass the same --max-len to select from \
+                     them (or name another --scores file to score the pool anew)",
+                    path.display(),
+                    held.join(", ")
+                );
+            }
+            (Some(score_pool(&model, &pool, &options, &mut store)?), None)
         }
         Needs::Trajectories(reference) => {
             let target = model_for("trains a reference model of the target's family")?;

@@ -83,10 +83,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let report = train::train(&target, &data, &config, &args.out, args.resume, true)
         .with_context(|| format!("training into {}", args.out.display()))?;
     println!(
-        "trained {} steps on {} examples ({} truncated){}: loss {} -> {}, {:.0} tokens/s, weight L2 drift {:.4}; model in {}",
+        "trained {} steps on {} examples ({} truncated, {} skipped){}: loss {} -> {}, {:.0} tokens/s, weight L2 drift {:.4}; \
+         model in {}",
         report.steps,
         data.examples.len(),
         data.truncated,
+        data.skipped,
         report.resumed_from.map_or(String::new(), |s| format!(", resumed at step {s}")),
         report.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
         report.final_loss.map_or("-".into(), |l| format!("{l:.4}")),

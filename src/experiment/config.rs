@@ -83,12 +83,22 @@ pub struct ScoringSpec {
     pub share_prefix: bool,
     /// `truncate` or `skip` pairs longer than `max_len`.
     pub overflow: String,
+    /// A built-in template to score under instead of the target's own (`question-answer`:
+    /// the paper's). Left out of the stage key when unset, so older runs keep theirs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl Default for ScoringSpec {
     fn default() -> Self {
         let d = crate::score::ScoreOptions::default();
-        Self { max_len: d.max_len, batch_tokens: d.batch_tokens, share_prefix: d.share_prefix, overflow: "truncate".into() }
+        Self {
+            max_len: d.max_len,
+            batch_tokens: d.batch_tokens,
+            share_prefix: d.share_prefix,
+            overflow: "truncate".into(),
+            template: None,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub use config::{Experiment, Variant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use stage::Stage;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -124,8 +125,18 @@ fn score_inputs(exp: &Experiment, fingerprint: &str, pool_key: &str) -> serde_js
     json!({"model": fingerprint, "pool": pool_key, "scoring": exp.scoring})
 }
 
-fn select_inputs(exp: &Experiment, spec: &config::SelectorSpec, needs: &Needs, fingerprint: &str, pool_key: &str) -> serde_json::Value {
+fn select_inputs(
+    exp: &Experiment,
+    spec: &config::SelectorSpec,
+    selector: &dyn select::Selector,
+    needs: &Needs,
+    fingerprint: &str,
+    pool_key: &str,
+) -> serde_json::Value {
     let mut inputs = json!({"selector": spec.name, "params": spec.params(), "seed": exp.seed, "pool": pool_key});
+    if let Some(defaults) = selector.defaults() {
+        inputs["defaults"] = defaults;
+    }
     match needs {
         Needs::Nothing => {}
         Needs::Scores => inputs["scores"] = json!(Stage::key_of(&score_inputs(exp, fingerprint, pool_key))),
@@ -288,7 +299,7 @@ impl<'a> Runner<'a> {
             let selector = select::build(&spec.name, &spec.params())?;
             let mut row = self.row(target, label, Some(&spec.name));
             let needs = needs_for(selector.as_ref(), target);
-            let inputs = select_inputs(exp, spec, &needs, &fingerprint, &self.pool_key);
+            let inputs = select_inputs(exp, spec, selector.as_ref(), &needs, &fingerprint, &self.pool_key);
             let select_stage = Stage::new(self.root, "select", &inputs);
             let summary = select_stage.ensure(&inputs, self.options.report_only, || {
                 tracing::info!("[{} / {label}] selecting", target.name);
@@ -379,8 +390,12 @@ impl<'a> Runner<'a> {
             tracing::info!("scoring {} candidates", self.pool.candidate_count());
         }
         let started = Instant::now();
-        let mut store = ScoreStore::open(&stage.dir.join("scores.parquet"), fingerprint)?;
-        let scored = score::score_stored(model, &self.pool.groups(), &options, &mut store);
+        let scorer = match &spec.template {
+            Some(name) => Cow::Owned(model.with_template(name)?),
+            None => Cow::Borrowed(model),
+        };
+        let mut store = ScoreStore::open(&stage.dir.join("scores.parquet"), &scorer.fingerprint()?)?;
+        let scored = score::score_stored(&scorer, &self.pool.groups(), &options, &mut store);
         store.compact()?;
         let (scores, _) = scored?;
         if done {

@@ -168,7 +168,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
                 scored = true;
                 steps.push(line);
             }
-            let select = keys.map(|(f, p)| super::select_inputs(exp, spec, &needs, f, p));
+            let select = keys.map(|(f, p)| super::select_inputs(exp, spec, selector.as_ref(), &needs, f, p));
             let select_key = select.as_ref().map(Stage::key_of);
             let (select_line, selected) = status("select", select);
             if let Needs::Trajectories(reference) = &needs {

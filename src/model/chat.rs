@@ -45,13 +45,17 @@ pub enum BuiltinTemplate {
     Tulu,
     /// For base models: the prompt, a blank line, then the response closed by EOS.
     Plain,
+    /// `Question: {instruction}\nAnswer: {response}`: the prompt GRAPE scores under
+    /// (§3.2 of the final version); the response starts after `Answer:`.
+    QuestionAnswer,
 }
 
 impl BuiltinTemplate {
-    pub const ALL: [BuiltinTemplate; 3] = [
+    pub const ALL: [BuiltinTemplate; 4] = [
         BuiltinTemplate::ChatMl,
         BuiltinTemplate::Tulu,
         BuiltinTemplate::Plain,
+        BuiltinTemplate::QuestionAnswer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +63,7 @@ impl BuiltinTemplate {
             BuiltinTemplate::ChatMl => "chatml",
             BuiltinTemplate::Tulu => "tulu",
             BuiltinTemplate::Plain => "plain",
+            BuiltinTemplate::QuestionAnswer => "question-answer",
         }
     }
 
@@ -67,6 +72,7 @@ impl BuiltinTemplate {
             BuiltinTemplate::ChatMl => CHATML,
             BuiltinTemplate::Tulu => TULU,
             BuiltinTemplate::Plain => PLAIN,
+            BuiltinTemplate::QuestionAnswer => QUESTION_ANSWER,
         }
     }
 }
@@ -108,6 +114,11 @@ const TULU: &str = "{% for message in messages %}\
 const PLAIN: &str = "{{ bos_token }}{% for message in messages %}\
 {% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}\
 {% else %}{{ message['content'] + '\\n\\n' }}{% endif %}\
+{% endfor %}";
+
+const QUESTION_ANSWER: &str = "{{ bos_token }}{% for message in messages %}\
+{% if message['role'] == 'assistant' %}{{ ' ' + message['content'] }}{{ eos_token }}\
+{% else %}{{ 'Question: ' + message['content'] + '\\nAnswer:' }}{% endif %}\
 {% endfor %}";
 
 /// The name the model's own template is registered (and reported in errors) under.
@@ -439,6 +450,13 @@ mod tests {
         assert_eq!(pair.text, "<s>Once upon a time\n\nthere was a cat.</s>");
         assert_eq!(response(&pair), "there was a cat.</s>");
 
+        // The paper's scoring prompt: the response (with EOS) starts right after `Answer:`.
+        let qa = ChatTemplate::builtin(BuiltinTemplate::QuestionAnswer, Some("<s>".into()), Some("</s>".into())).unwrap();
+        let pair = qa.render_pair("What is 2+2?", "4").unwrap();
+        assert_eq!(pair.text, "<s>Question: What is 2+2?\nAnswer: 4</s>");
+        assert_eq!(response(&pair), " 4</s>");
+        assert_eq!(qa.render(&[Message::new("user", "Q")], true).unwrap(), "<s>Question: Q\nAnswer:");
+
         // Without special tokens nothing is invented for them.
         let bare = ChatTemplate::builtin(BuiltinTemplate::Plain, None, None).unwrap();
         assert_eq!(bare.render_pair("Q", "A").unwrap().text, "Q\n\nA");
@@ -498,7 +516,7 @@ mod tests {
         let err = "vicuna".parse::<BuiltinTemplate>().unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown chat template `vicuna` (expected one of: chatml, tulu, plain)"
+            "unknown chat template `vicuna` (expected one of: chatml, tulu, plain, question-answer)"
         );
     }
 

@@ -106,18 +106,22 @@ impl Rope {
     /// position, else `(B, T, D/2)`.
     pub fn select(&self, positions: &Positions) -> Result<RopeTables> {
         let max = self.cos.dim(0)?;
-        if let Some(last) = positions.max() {
+        if let Some(last) = positions.last_real {
             if last as usize >= max {
                 candle_core::bail!("position {last} exceeds the model's {max} rotary positions")
             }
         }
+        // Padding after a short row may run past the table (a long shared prompt in a batch of
+        // long continuations): its outputs are never read, so it takes the last row's angles.
+        let padding_past_end = positions.ids.iter().any(|&p| p as usize >= max);
         let (cos, sin) = match positions.shared_start {
-            Some(start) => (
+            Some(start) if !padding_past_end => (
                 self.cos.narrow(0, start, positions.len)?,
                 self.sin.narrow(0, start, positions.len)?,
             ),
-            None => {
-                let ids = Tensor::new(positions.ids.as_slice(), self.cos.device())?;
+            _ => {
+                let clamped: Vec<u32> = positions.ids.iter().map(|&p| p.min(max as u32 - 1)).collect();
+                let ids = Tensor::new(clamped.as_slice(), self.cos.device())?;
                 let shape = (positions.batch, positions.len, self.cos.dim(1)?);
                 (
                     self.cos.index_select(&ids, 0)?.reshape(shape)?,
@@ -179,12 +183,8 @@ pub struct Positions {
     pub len: usize,
     /// Set when every row's positions are `start..start+T`, which lets rope use a slice.
     pub shared_start: Option<usize>,
-}
-
-impl Positions {
-    fn max(&self) -> Option<u32> {
-        self.ids.iter().copied().max()
-    }
+    /// The largest position of a real (not padding) token.
+    pub last_real: Option<u32>,
 }
 
 /// Keys and values of the tokens already processed, per layer, with the position of
@@ -355,11 +355,13 @@ impl Step {
             new_slots.push((0..len).map(|t| (t < lengths[b]).then_some((start + t) as u32)).collect());
         }
         let shared_start = starts.iter().all(|&s| s == starts[0]).then_some(starts[0]);
+        let last_real = starts.iter().zip(lengths).filter(|(_, &l)| l > 0).map(|(&s, &l)| (s + l - 1) as u32).max();
         let positions = Positions {
             ids,
             batch,
             len,
             shared_start,
+            last_real,
         };
 
         let build = |window: Option<usize>| -> Result<Tensor> {

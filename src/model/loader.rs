@@ -124,6 +124,8 @@ impl EncodedPair {
     }
 }
 
+/// Cloning is cheap for the weights (candle shares tensors) but copies the tokenizer.
+#[derive(Clone)]
 pub struct LoadedModel {
     pub name: String,
     pub files: ModelFiles,
@@ -167,6 +169,16 @@ impl LoadedModel {
             ));
         }
         Ok(EncodedPair { ids: encoding.get_ids().to_vec(), response_mask, first_response })
+    }
+
+    /// This model under another built-in template: GRAPE scores under the paper's plain
+    /// question/answer prompt while training and evaluation keep the chat template. The
+    /// fingerprint follows the template, so scores under two templates never share a store.
+    pub fn with_template(&self, name: &str) -> Result<LoadedModel> {
+        let builtin: BuiltinTemplate = name.parse()?;
+        let bos = self.tokenizer.bos.as_ref().map(|t| t.text.clone());
+        let eos = self.tokenizer.eos.as_ref().map(|t| t.text.clone());
+        Ok(LoadedModel { template: ChatTemplate::builtin(builtin, bos, eos)?, ..self.clone() })
     }
 
     /// What a score depends on besides the pair: weights, tokenizer and chat template.

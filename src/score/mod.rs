@@ -73,6 +73,14 @@ impl Default for ScoreOptions {
     }
 }
 
+impl ScoreOptions {
+    /// These options for `model`: `max_len` never beyond the model's positions, so the
+    /// default (2048) serves a model with fewer.
+    pub fn fitted(&self, model: &LoadedModel) -> ScoreOptions {
+        ScoreOptions { max_len: self.max_len.min(model.config.max_position_embeddings), ..self.clone() }
+    }
+}
+
 /// A candidate after rendering and tokenization.
 struct Encoded {
     group: usize,
@@ -96,6 +104,7 @@ pub fn score_stored(
     options: &ScoreOptions,
     store: &mut ScoreStore,
 ) -> Result<(Vec<Vec<Option<Score>>>, usize)> {
+    let options = &options.fitted(model);
     let keys: Vec<Vec<String>> =
         groups.iter().map(|g| g.responses.iter().map(|r| pair_hash(&g.prompt, r)).collect()).collect();
     let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
@@ -144,6 +153,7 @@ fn score_with(
     options: &ScoreOptions,
     mut on_batch: impl FnMut(&[(usize, usize, &Score)]) -> Result<()>,
 ) -> Result<Vec<Vec<Option<Score>>>> {
+    let options = &options.fitted(model);
     let decoder = model.decoder()?;
     let device = model.device.clone();
     let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
@@ -251,6 +261,7 @@ fn score_with(
 /// The obvious computation, for checking `score`: each candidate alone, the whole
 /// sequence, no cache, no batching.
 pub fn score_naive(model: &LoadedModel, group: &Group, options: &ScoreOptions) -> Result<Vec<Option<Score>>> {
+    let options = &options.fitted(model);
     let decoder = model.decoder()?;
     let device = model.device.clone();
     let encoded = encode_all(model, std::slice::from_ref(group), options)?;

@@ -92,6 +92,11 @@ impl ScoreStore {
         self.rows.iter()
     }
 
+    /// The maximum lengths the stored scores were made with.
+    pub fn max_lens(&self) -> std::collections::BTreeSet<usize> {
+        self.rows.keys().map(|(max_len, _)| *max_len).collect()
+    }
+
     pub fn get(&self, max_len: usize, pair: &str) -> Option<&Score> {
         self.rows.get(&(max_len, pair.to_string()))
     }

@@ -1,5 +1,8 @@
-//! `grape` and `lowest`: rank each instruction's candidates by their (normalised) score
-//! under the target model and keep the top or bottom `k`.
+//! `grape` and `lowest`: rank each instruction's candidates by their score under the target
+//! model and keep the top or bottom `k`. The score is the mean log-probability per response
+//! token by default: the final version of the paper keeps "the highest normalized probability
+//! (i.e., lowest perplexity)" (§3.2); `normalize=sum`, the first version's π(y|x), stays as an
+//! ablation.
 
 use super::{Count, Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
 use crate::score::Score;
@@ -7,9 +10,9 @@ use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Normalize {
-    /// log π(y|x), summed over response tokens (the paper's score).
+    /// log π(y|x), summed over response tokens (the first version of the paper).
     Sum,
-    /// Per response token.
+    /// Per response token: the length-normalised score of the final version (the default).
     Mean,
     /// Per UTF-8 byte of the response, comparable across tokenizers.
     Bytes,
@@ -65,7 +68,7 @@ fn build(name: &'static str, highest: bool, params: &Params) -> Result<Box<dyn S
     Ok(Box::new(Ranked {
         name,
         highest,
-        normalize: p.get("normalize", Normalize::Sum, "sum, mean or bytes")?,
+        normalize: p.get("normalize", Normalize::Mean, "sum, mean or bytes")?,
         count: Count::read(&p, "k", 1)?,
     }))
 }
@@ -77,6 +80,11 @@ impl Selector for Ranked {
 
     fn needs(&self) -> Needs {
         Needs::Scores
+    }
+
+    /// The default changed from sum to mean.
+    fn defaults(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"normalize": self.normalize.name()}))
     }
 
     fn select(&self, input: &SelectInput) -> Result<Selection> {

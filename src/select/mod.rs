@@ -82,6 +82,11 @@ pub trait Selector {
     fn needs(&self) -> Needs {
         Needs::Nothing
     }
+    /// Defaults that changed since selections were first cached, resolved: part of an
+    /// experiment's select key, so a selection made under the old default is not reused.
+    fn defaults(&self) -> Option<serde_json::Value> {
+        None
+    }
     fn select(&self, input: &SelectInput) -> Result<Selection>;
 }
 

@@ -13,18 +13,24 @@ pub struct SftData {
     pub examples: Vec<EncodedPair>,
     /// Examples longer than the maximum length, cut to it.
     pub truncated: usize,
+    /// Examples whose prompt alone fills the maximum length: nothing of the response would
+    /// be left to train on, so they are left out (one such example must not end a run).
+    pub skipped: usize,
 }
 
 impl SftData {
-    /// Encodes a pair as the scorer does and adds it, cut to `max_len` tokens.
+    /// Encodes a pair as the scorer does and adds it, cut to `max_len` tokens, or counts it
+    /// as skipped when its prompt alone fills them.
     pub fn push(&mut self, model: &LoadedModel, prompt: &str, response: &str, max_len: usize) -> std::result::Result<(), String> {
         let pair = model.encode_pair(prompt, response).map_err(|e| e.to_string())?;
-        if pair.ids.len() > max_len {
-            self.truncated += 1;
+        let cut = pair.ids.len() > max_len;
+        match pair.truncated(max_len) {
+            Some(pair) => {
+                self.truncated += usize::from(cut);
+                self.examples.push(pair);
+            }
+            None => self.skipped += 1,
         }
-        let pair =
-            pair.truncated(max_len).ok_or(format!("the prompt alone fills the maximum length of {max_len} tokens"))?;
-        self.examples.push(pair);
         Ok(())
     }
 }
@@ -40,10 +46,21 @@ pub fn read(path: &Path, model: &LoadedModel, max_len: usize) -> Result<SftData>
         data.push(model, &prompt, &response, max_len).map_err(at_line)?;
     }
     if data.examples.is_empty() {
-        return Err(Error::format(path, "no training examples"));
+        let why = match data.skipped {
+            0 => String::new(),
+            n => format!(" ({n} skipped: each prompt alone fills the maximum length of {max_len} tokens)"),
+        };
+        return Err(Error::format(path, format!("no training examples{why}")));
     }
     if data.truncated > 0 {
         tracing::warn!("{}: {} examples longer than {max_len} tokens were truncated", path.display(), data.truncated);
+    }
+    if data.skipped > 0 {
+        tracing::warn!(
+            "{}: {} examples skipped: the prompt alone fills the maximum length of {max_len} tokens",
+            path.display(),
+            data.skipped
+        );
     }
     Ok(data)
 }

@@ -99,6 +99,10 @@ pub struct TrainReport {
     pub weight_l2_distance: f64,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// Examples cut to the maximum length, and examples left out because their prompt alone
+    /// filled it.
+    pub truncated_examples: usize,
+    pub skipped_examples: usize,
 }
 
 /// What `train` fine-tunes: a model loaded with [`crate::model::load_trainable`].
@@ -226,6 +230,8 @@ pub fn train(
         weight_l2_distance: l2_distance(&vars, &base)?,
         seconds,
         tokens_per_second: tokens_done as f64 / seconds.max(1e-9),
+        truncated_examples: data.truncated,
+        skipped_examples: data.skipped,
     };
     let report_path = out.join("report.json");
     let json = serde_json::to_string_pretty(&report).expect("plain data serialises");
