@@ -234,3 +234,139 @@ fn bad_eval_input_is_named() {
     let err = run(&["--bench", bad_yaml.to_str().unwrap(), "--completions", c]);
     assert!(err.contains("bad-yaml.yaml") && err.contains("line"), "{err}");
 }
+
+/// Hand-written solutions of four LeetCode problems, as a model would answer (a fenced class).
+const LEETCODE: [(&str, &str, &str); 4] = [
+    (
+        "weekly-contest-381-minimum-number-of-pushes-to-type-word-i",
+        "class Solution:\n    def minimumPushes(self, word: str) -> int:\n        return sum(i // 8 + 1 for i in range(len(word)))\n",
+        "class Solution:\n    def minimumPushes(self, word: str) -> int:\n        return len(word)\n",
+    ),
+    (
+        "biweekly-contest-122-divide-an-array-into-subarrays-with-minimum-cost-i",
+        "class Solution:\n    def minimumCost(self, nums: List[int]) -> int:\n        return nums[0] + sum(sorted(nums[1:])[:2])\n",
+        "class Solution:\n    def minimumCost(self, nums: List[int]) -> int:\n        return sum(sorted(nums)[:3])\n",
+    ),
+    (
+        "weekly-contest-380-count-elements-with-maximum-frequency",
+        "class Solution:\n    def maxFrequencyElements(self, nums: List[int]) -> int:\n        c = Counter(nums)\n        m = max(c.values())\n        return sum(v for v in c.values() if v == m)\n",
+        "class Solution:\n    def maxFrequencyElements(self, nums: List[int]) -> int:\n        return max(Counter(nums).values())\n",
+    ),
+    (
+        "weekly-contest-379-maximum-area-of-longest-diagonal-rectangle",
+        "class Solution:\n    def areaOfMaxDiagonal(self, dimensions: List[List[int]]) -> int:\n        return max((l * l + w * w, l * w) for l, w in dimensions)[1]\n",
+        "class Solution:\n    def areaOfMaxDiagonal(self, dimensions: List[List[int]]) -> int:\n        return max(l * w for l, w in dimensions)\n",
+    ),
+];
+
+#[test]
+fn leetcode_runs_hand_written_solutions_in_the_sandbox() {
+    let (Some(_), true) = (rows("leetcode-contest-20240121-Jul.jsonl.gz"), can_sandbox()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fenced = |code: &str| format!("{code}```\nThis passes the examples.");
+    let good = write_completions(dir.path(), LEETCODE.iter().map(|(id, good, _)| (id.to_string(), fenced(good))));
+    let (metrics, items) = eval("leetcode", &good, &dir.path().join("good"), &[]);
+    assert!(items.iter().all(|i| i["verdict"] == "passed"), "{items:?}");
+    assert_eq!(metrics["score"]["value"], 1.0);
+    assert_eq!(metrics["groups"]["difficulty"]["Easy"]["n"], 4);
+    let wrong = write_completions(dir.path(), LEETCODE.iter().map(|(id, _, wrong)| (id.to_string(), fenced(wrong))));
+    let (metrics, items) = eval("leetcode", &wrong, &dir.path().join("wrong"), &[]);
+    assert!(items.iter().all(|i| i["verdict"] == "failed" && i["reason"] == "a test failed"), "{items:?}");
+    assert_eq!(metrics["score"]["value"], 0.0);
+}
+
+/// A TheoremQA answer written as a model would state it, per type.
+fn stated(answer: &Value) -> String {
+    match answer {
+        Value::Bool(b) => if *b { "True" } else { "False" }.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Array(xs) => format!("[{}]", xs.iter().map(stated).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
+    }
+}
+
+/// A wrong answer of the same type.
+fn off(answer: &Value) -> String {
+    match answer {
+        Value::Bool(b) => if *b { "False" } else { "True" }.to_string(),
+        Value::String(s) if s == "(a)" => "(b)".to_string(),
+        Value::String(_) => "(a)".to_string(),
+        Value::Array(xs) => format!("[{}]", xs.iter().map(off).collect::<Vec<_>>().join(", ")),
+        // At least 1 and 4% away from the answer, whatever its sign.
+        Value::Number(x) => format!("{}", x.as_f64().unwrap() + 1.0 + x.as_f64().unwrap().abs()),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn theoremqa_references_grade_correct_in_cot_and_pot_and_wrong_ones_wrong() {
+    let (Some(rows), true) = (rows("theoremqa-test.json.gz"), can_sandbox()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let id = |r: &Value| r["id"].as_str().unwrap().to_string();
+    let cot = write_completions(
+        dir.path(),
+        rows.iter().map(|r| (id(r), format!("Applying the theorem step by step.\nThe answer is $\\boxed{{{}}}$.", stated(&r["Answer"])))),
+    );
+    let (metrics, items) = eval("theoremqa", &cot, &dir.path().join("cot"), &[]);
+    let wrong: Vec<&Value> = items.iter().filter(|i| i["verdict"] != "correct").collect();
+    assert!(metrics["score"]["value"].as_f64().unwrap() >= 0.99, "{} wrong, first: {:?}", wrong.len(), wrong.first());
+    assert_eq!(metrics["score"]["n"], 800);
+    let bad = write_completions(dir.path(), rows.iter().map(|r| (id(r), format!("So \\boxed{{{}}}.", off(&r["Answer"])))));
+    let (metrics, _) = eval("theoremqa", &bad, &dir.path().join("bad"), &[]);
+    assert_eq!(metrics["score"]["value"], 0.0);
+
+    // Programs of thought: the program prints the answer (lists and options as Python would).
+    let program = |answer: String| format!("Let me compute it.\n```python\nanswer = {answer:?}\nanswer\n```\n");
+    let pot = write_completions(dir.path(), rows.iter().take(120).map(|r| (id(r), program(stated(&r["Answer"])))));
+    let (metrics, items) = eval("theoremqa-pot", &pot, &dir.path().join("pot"), &[]);
+    let wrong: Vec<&Value> = items.iter().filter(|i| i["verdict"] != "correct").collect();
+    assert!(wrong.is_empty(), "{} wrong, first: {:?}", wrong.len(), wrong.first());
+    assert_eq!(metrics["sandbox"]["seccomp"], Value::Bool(true), "{metrics}");
+    let pot_bad = write_completions(dir.path(), rows.iter().take(120).map(|r| (id(r), program(off(&r["Answer"])))));
+    let (metrics, _) = eval("theoremqa-pot", &pot_bad, &dir.path().join("pot-bad"), &[]);
+    assert_eq!(metrics["score"]["value"], 0.0);
+}
+
+#[test]
+fn math_and_gsmplus_programs_of_thought_grade_what_they_print() {
+    let (Some(math), Some(gsm), true) = (rows("MATH-test5000.jsonl.gz"), rows("gsmplus-testmini.jsonl.gz"), can_sandbox()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let answer_of = |solution: &str| {
+        let at = solution.rfind("\\boxed{").unwrap() + "\\boxed{".len();
+        let (mut depth, mut end) = (1, at);
+        for (i, c) in solution[at..].char_indices() {
+            depth += match c { '{' => 1, '}' => -1, _ => 0 };
+            if depth == 0 {
+                end = at + i;
+                break;
+            }
+        }
+        solution[at..end].to_string()
+    };
+    // The first 60 MATH problems: a program printing the reference (as a raw string) passes.
+    let printing = |text: String| format!("```python\nprint(r\"\"\"{text}\"\"\")\n```");
+    let math_good = write_completions(
+        dir.path(),
+        math.iter().take(60).map(|t| (t["idx"].to_string(), printing(answer_of(t["solution"].as_str().unwrap())))),
+    );
+    let (metrics, items) = eval("math-pot", &math_good, &dir.path().join("math"), &["--limit", "60"]);
+    let wrong: Vec<&Value> = items.iter().filter(|i| i["verdict"] != "correct").collect();
+    assert!(wrong.is_empty(), "{} wrong, first: {:?}", wrong.len(), wrong.first());
+    assert_eq!(metrics["score"]["n"], 60);
+    // GSM-Plus: computing the answer; one that crashes, and one off by one, do not pass.
+    let numeric: Vec<&Value> = gsm.iter().take(40).filter(|r| r["answer"] != "None").collect();
+    let program = |r: &Value, delta: &str| format!("```python\nx = {} {delta}\nx\n```", r["answer"].as_str().unwrap());
+    let index = |r: &Value| gsm.iter().position(|x| std::ptr::eq(x, r)).unwrap().to_string();
+    let good = write_completions(dir.path(), numeric.iter().map(|r| (index(r), program(r, ""))));
+    let (metrics, _) = eval("gsmplus-pot", &good, &dir.path().join("gsm"), &["--limit", "40"]);
+    assert_eq!(metrics["score"]["value"], 1.0, "{metrics}");
+    let off_by_one = write_completions(dir.path(), numeric.iter().map(|r| (index(r), program(r, "+ 1"))));
+    let (metrics, _) = eval("gsmplus-pot", &off_by_one, &dir.path().join("gsm-off"), &["--limit", "40"]);
+    assert_eq!(metrics["score"]["value"], 0.0, "{metrics}");
+    let crash = write_completions(dir.path(), numeric.iter().map(|r| (index(r), format!("{}\n1/0\n```", program(r, "").trim_end_matches("```")))));
+    let (metrics, items) = eval("gsmplus-pot", &crash, &dir.path().join("gsm-crash"), &["--limit", "40"]);
+    assert_eq!(metrics["score"]["value"], 0.0, "{metrics}");
+    assert!(items[0]["stderr_tail"].as_str().unwrap().contains("ZeroDivisionError"), "{}", items[0]);
+}

@@ -53,7 +53,25 @@ pub enum Grader {
         answer: String,
         #[serde(default)]
         unanswerable: Option<String>,
+        /// The completion is a program of thought: see [`program_of_thought`].
+        #[serde(default)]
+        program_of_thought: bool,
     },
+    /// TheoremQA: `answer` (a template giving the answer as JSON, `{{ Answer | tojson }}`)
+    /// compared by `answer_type` (integer, float, bool, option, list of integer, list of float).
+    Theoremqa {
+        answer: String,
+        answer_type: String,
+        #[serde(default)]
+        program_of_thought: bool,
+    },
+}
+
+impl Grader {
+    /// Whether the answer is what the completion's program prints rather than its text.
+    pub fn program_of_thought(&self) -> bool {
+        matches!(self, Grader::Math { program_of_thought: true, .. } | Grader::Theoremqa { program_of_thought: true, .. })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +113,8 @@ pub enum Reference {
     Code { row: Value },
     Answer(String),
     Unanswerable,
+    /// A TheoremQA answer as JSON, and its type.
+    Typed { answer: Value, answer_type: String },
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +171,10 @@ impl Benchmark {
         match &spec.grader {
             Grader::Code { program } => templates.push(("grader.code.program", program)),
             Grader::Math { answer, .. } => templates.push(("grader.math.answer", answer)),
+            Grader::Theoremqa { answer, answer_type, .. } => {
+                templates.push(("grader.theoremqa.answer", answer));
+                templates.push(("grader.theoremqa.answer_type", answer_type));
+            }
         }
         templates.extend(spec.groups.iter().map(|(k, v)| (k.as_str(), v)));
         for (field, template) in &templates {
@@ -213,7 +237,20 @@ impl Benchmark {
                 self.render("grader.code.program", program, row, &[("code", "")])?;
                 Reference::Code { row: row.clone() }
             }
-            Grader::Math { answer, unanswerable } => {
+            Grader::Theoremqa { answer, answer_type, .. } => {
+                let json = self.render("grader.theoremqa.answer", answer, row, &extra)?;
+                let answer = serde_json::from_str(&json)
+                    .map_err(|e| format!("field `grader.theoremqa.answer`: `{json}` is not JSON ({e})"))?;
+                let answer_type = self.render("grader.theoremqa.answer_type", answer_type, row, &extra)?;
+                if !super::theorem_grade::ANSWER_TYPES.contains(&answer_type.as_str()) {
+                    return Err(format!(
+                        "field `grader.theoremqa.answer_type`: `{answer_type}` is not one of {}",
+                        super::theorem_grade::ANSWER_TYPES.join(", ")
+                    ));
+                }
+                Reference::Typed { answer, answer_type }
+            }
+            Grader::Math { answer, unanswerable, .. } => {
                 let answer = self.render("grader.math.answer", answer, row, &extra)?;
                 if unanswerable.as_deref() == Some(answer.trim()) {
                     Reference::Unanswerable
@@ -325,9 +362,31 @@ pub fn extract_code(response_prefix: &str, completion: &str) -> String {
     body.split("```").next().unwrap_or_default().to_string()
 }
 
+/// A program of thought, as Eurus runs one (eval/utils/python_interpreter.py): the last
+/// ```python block of the completion (Eurus runs each block alone and keeps the last one's
+/// output), its last line wrapped in `print(...)` unless it prints already. `None` when the
+/// completion has no closed block: its text is then graded as a chain of thought.
+pub fn program_of_thought(completion: &str) -> Option<String> {
+    let block = completion.split("```python").skip(1).filter_map(|rest| rest.split_once("```").map(|(code, _)| code)).last()?;
+    let mut lines: Vec<&str> = block.trim_end().lines().collect();
+    let last = lines.pop()?;
+    let last = if last.contains("print(") { last.to_string() } else { format!("print({last})") };
+    Some(lines.into_iter().map(|l| format!("{l}\n")).collect::<String>() + &last + "\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_of_thought_print_their_last_line() {
+        let completion = "Let me compute.\n```python\nx = 1\n```\nThen:\n```python\na = 6\nb = 7\na * b\n```\nSo 42.";
+        assert_eq!(program_of_thought(completion).unwrap(), "\na = 6\nb = 7\nprint(a * b)\n");
+        let printing = "```python\nprint(sum(range(4)))\n```";
+        assert_eq!(program_of_thought(printing).unwrap(), "\nprint(sum(range(4)))\n");
+        assert_eq!(program_of_thought("The answer is 4."), None);
+        assert_eq!(program_of_thought("```python\nx = (1 +"), None, "an unclosed block is not run");
+    }
 
     #[test]
     fn signatures_as_the_eurus_prompts_quote_them() {

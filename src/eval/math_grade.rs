@@ -79,6 +79,8 @@ pub enum Extraction {
     AnswerIs,
     Hashes,
     LastNumber,
+    /// A program of thought's printed line.
+    Output,
 }
 
 /// The model's final answer: last \boxed{}, else "the answer is X" / "final answer: X" (last
@@ -552,6 +554,14 @@ fn same_decimal(a: &str, b: &str) -> bool {
     let (Ok(x), Ok(y)) = (a.parse::<f64>(), b.parse::<f64>()) else { return false };
     let half_unit = 0.5 * 10f64.powi(-(shorter as i32));
     (x - y).abs() <= half_unit * (1.0 + 1e-9)
+}
+
+/// The number an answer states, after [`normalize`]: decimals, scientific notation and the
+/// numeric LaTeX [`is_equiv`] evaluates; `None` for anything else.
+pub fn numeric_value(answer: &str) -> Option<f64> {
+    let s = normalize(answer);
+    let s = s.trim_end_matches('%');
+    s.parse::<f64>().ok().filter(|v| v.is_finite()).or_else(|| value(s))
 }
 
 fn value(s: &str) -> Option<f64> {

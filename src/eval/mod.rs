@@ -7,6 +7,7 @@ pub mod benchmark;
 pub mod math_grade;
 pub mod metrics;
 pub mod sandbox;
+pub mod theorem_grade;
 
 use crate::generate::Finish;
 use crate::{Error, Result};
@@ -52,6 +53,9 @@ pub struct ItemRecord {
     /// Why a program failed where the verdict alone does not say (an early exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What a program of thought printed (its end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_output: Option<String>,
     pub grade_seconds: f64,
     pub groups: BTreeMap<String, String>,
 }
@@ -104,6 +108,7 @@ pub fn grade(
             new_tokens: c.new_tokens,
             stderr_tail: None,
             reason: None,
+            program_output: None,
             grade_seconds: 0.0,
             groups: item.groups.clone(),
         }
@@ -130,42 +135,99 @@ pub fn grade(
             r.grade_seconds = outcome.seconds;
         }
     }
-    for (c, r) in completions.iter().zip(records.iter_mut()) {
+    // A program of thought is run for its printed answer (the completion's text is graded
+    // instead when it holds no program).
+    let mut runs: Vec<Option<sandbox::Outcome>> = vec![None; completions.len()];
+    if bench.spec.grader.program_of_thought() {
+        let programs: Vec<(usize, String)> = completions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, benchmark::program_of_thought(&c.text)?)))
+            .collect();
+        if !programs.is_empty() {
+            let sandbox =
+                sandbox.ok_or_else(|| Error::Invalid(format!("{} runs programs of thought: it needs a sandbox", bench.name())))?;
+            let texts: Vec<String> = programs.iter().map(|(_, p)| p.clone()).collect();
+            for ((i, _), outcome) in programs.iter().zip(sandbox.run_all_printing(&texts, || {})) {
+                runs[*i] = Some(outcome);
+            }
+        }
+    }
+    for ((c, r), run) in completions.iter().zip(records.iter_mut()).zip(&runs) {
         let graded = Instant::now();
+        // What the answer is read from: what the program printed (nothing when it failed, as
+        // Eurus takes it), else the completion.
+        let text = match run {
+            Some(outcome) => {
+                r.stderr_tail = Some(outcome.stderr_tail.clone());
+                r.program_output = outcome.stdout.clone();
+                if outcome.exit_code == Some(0) { outcome.stdout.as_deref().unwrap_or_default() } else { "" }
+            }
+            None => c.text.as_str(),
+        };
         match &bench.items[c.item].reference {
             Reference::Code { .. } => continue,
             Reference::Answer(reference) => {
-                let found = math_grade::extract_answer(&c.text);
+                let found = match run {
+                    Some(_) => printed_answer(text),
+                    None => math_grade::extract_answer(text),
+                };
                 r.correct = found.as_ref().is_some_and(|(answer, _)| math_grade::is_equiv(answer, reference));
-                r.verdict = match (&found, r.correct) {
-                    (None, _) => "unparseable",
-                    (Some(_), true) => "correct",
-                    (Some(_), false) => "wrong",
-                }
-                .to_string();
+                r.verdict = answer_verdict(found.is_some(), r.correct);
                 r.reference = Some(reference.clone());
                 r.extraction = found.as_ref().map(|(_, how)| format!("{how:?}"));
                 r.extracted = found.map(|(answer, _)| answer);
             }
             Reference::Unanswerable => {
-                r.correct = math_grade::says_insufficient(&c.text);
+                r.correct = math_grade::says_insufficient(text);
                 r.verdict = if r.correct { "correct" } else { "wrong" }.to_string();
                 r.reference = Some("(the question lacks information)".into());
-                r.extracted = math_grade::extract_answer(&c.text).map(|(answer, _)| answer);
+                r.extracted = math_grade::extract_answer(text).map(|(answer, _)| answer);
+            }
+            Reference::Typed { answer, answer_type } => {
+                // Eurus reads a program's answer from its last printed line.
+                let found = match run {
+                    Some(_) => text.trim().lines().last().map(|l| (l.trim().to_string(), "LastLine".to_string())),
+                    None => math_grade::extract_answer(text).map(|(a, how)| (a, format!("{how:?}"))),
+                };
+                r.correct = found.as_ref().is_some_and(|(a, _)| theorem_grade::is_correct(a, answer, answer_type));
+                r.verdict = answer_verdict(found.is_some(), r.correct);
+                r.reference = Some(answer.to_string());
+                r.extraction = found.as_ref().map(|(_, how)| how.clone());
+                r.extracted = found.map(|(a, _)| a);
             }
         }
-        r.grade_seconds = graded.elapsed().as_secs_f64();
+        r.grade_seconds = graded.elapsed().as_secs_f64() + run.as_ref().map_or(0.0, |o| o.seconds);
         on_graded();
     }
     tracing::debug!("graded {} completions of {} in {:.1}s", records.len(), bench.name(), start.elapsed().as_secs_f64());
     Ok(records)
 }
 
-/// What a benchmark reports: `pass@1` for code, `accuracy` for math.
+/// The answer a program printed: a boxed or stated answer if it printed one, else its last
+/// line whole (Eurus grades the output as text, so `\frac{9}{7}` is not cut to its last number).
+fn printed_answer(output: &str) -> Option<(String, math_grade::Extraction)> {
+    use math_grade::Extraction;
+    match math_grade::extract_answer(output) {
+        Some(found @ (_, Extraction::Boxed | Extraction::AnswerIs)) => Some(found),
+        _ => output.trim().lines().last().map(|line| (line.trim().to_string(), Extraction::Output)),
+    }
+}
+
+fn answer_verdict(found: bool, correct: bool) -> String {
+    match (found, correct) {
+        (false, _) => "unparseable",
+        (true, true) => "correct",
+        (true, false) => "wrong",
+    }
+    .to_string()
+}
+
+/// What a benchmark reports: `pass@1` for code, `accuracy` for answers.
 pub fn metric_of(bench: &Benchmark) -> &'static str {
     match bench.spec.grader {
         benchmark::Grader::Code { .. } => "pass@1",
-        benchmark::Grader::Math { .. } => "accuracy",
+        benchmark::Grader::Math { .. } | benchmark::Grader::Theoremqa { .. } => "accuracy",
     }
 }
 
@@ -339,7 +401,8 @@ pub fn load_benchmarks(names: &[String], eval_dir: &Path, data_dir: &Path) -> Re
 
 /// A sandbox when some benchmark runs code.
 pub fn sandbox_for(benches: &[Benchmark], config: sandbox::SandboxConfig) -> Result<Option<sandbox::Sandbox>> {
-    if !benches.iter().any(|b| matches!(b.spec.grader, benchmark::Grader::Code { .. })) {
+    let runs_code = |b: &Benchmark| matches!(b.spec.grader, benchmark::Grader::Code { .. }) || b.spec.grader.program_of_thought();
+    if !benches.iter().any(runs_code) {
         return Ok(None);
     }
     sandbox::Sandbox::new(config).map(Some).map_err(|e| Error::Invalid(format!("code sandbox: {e}")))
@@ -396,7 +459,7 @@ pub fn evaluate(
         bar.finish_and_clear();
         let grading_seconds = graded_at.elapsed().as_secs_f64();
         let mut metrics = summarize(bench.name(), metric_of(bench), &records, options.seed, generation_seconds, grading_seconds);
-        if matches!(bench.spec.grader, benchmark::Grader::Code { .. }) {
+        if matches!(bench.spec.grader, benchmark::Grader::Code { .. }) || bench.spec.grader.program_of_thought() {
             metrics.sandbox = sandbox.map(sandbox::Sandbox::protections);
         }
         tracing::info!("{}: {} {:.1}% over {} items", bench.name(), metrics.metric, 100.0 * metrics.score.value, metrics.score.n);

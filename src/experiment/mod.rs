@@ -191,7 +191,7 @@ fn bench_key(benches: &[eval::benchmark::Benchmark]) -> Result<Vec<String>> {
                 eval::benchmark::Grader::Code { .. } => {
                     crate::util::sha256_bytes(format!("{spec}\0{}", sandbox::VERDICTS).as_bytes())
                 }
-                eval::benchmark::Grader::Math { .. } => spec,
+                _ => spec,
             })
         })
         .collect()

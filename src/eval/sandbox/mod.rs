@@ -39,7 +39,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -54,6 +54,8 @@ use tracing::{debug, warn};
 /// short, so little of what a program printed reaches `items.jsonl`.
 pub const TAIL_LINES: usize = 10;
 pub const TAIL_BYTES: usize = 1000;
+/// What a program-of-thought answer may print and still be read whole.
+pub const STDOUT_BYTES: usize = 4096;
 /// How long the supervisor sleeps between exit checks.
 const SLICE: Duration = Duration::from_millis(5);
 /// Automatically claimed uid blocks: `AUTO_UID_START + k * AUTO_UID_BLOCK` for k < `AUTO_UID_BLOCKS`.
@@ -173,6 +175,10 @@ pub struct Outcome {
     /// The last [`TAIL_LINES`] lines of stderr, at most [`TAIL_BYTES`] (lossy UTF-8), or why the
     /// sandbox failed.
     pub stderr_tail: String,
+    /// The last [`STDOUT_BYTES`] of stdout, when asked for ([`Sandbox::run_all_printing`]).
+    pub stdout: Option<String>,
+    /// `None` when killed by a signal or never started.
+    pub exit_code: Option<i32>,
     pub seconds: f64,
 }
 
@@ -357,7 +363,7 @@ impl Sandbox {
         let slot = self.acquire();
         // It checks that the interpreter starts, not how fast: a loaded machine must not fail it.
         let timeout = self.config.timeout.max(Duration::from_secs(30));
-        match self.execute(slot.index, "pass\n", timeout) {
+        match self.execute(slot.index, "pass\n", timeout, false) {
             Err(e) => Err((false, e.to_string())),
             Ok(outcome) if outcome.verdict == Verdict::Passed => Ok(()),
             Ok(outcome) => Err((true, format!("{}: {}", outcome.verdict, outcome.stderr_tail.trim()))),
@@ -366,12 +372,18 @@ impl Sandbox {
 
     /// Runs one program on the first idle worker, waiting for one if all are busy.
     pub fn run(&self, program: &str) -> Outcome {
+        self.run_with(program, false)
+    }
+
+    fn run_with(&self, program: &str, capture_stdout: bool) -> Outcome {
         let slot = self.acquire();
         let started = Instant::now();
-        self.execute(slot.index, program, self.config.timeout).unwrap_or_else(|e| Outcome {
+        self.execute(slot.index, program, self.config.timeout, capture_stdout).unwrap_or_else(|e| Outcome {
             verdict: Verdict::Error,
             reason: None,
             stderr_tail: format!("sandbox: cannot start {}: {e}", self.config.python.display()),
+            stdout: None,
+            exit_code: None,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -379,13 +391,23 @@ impl Sandbox {
     /// Runs up to `workers` programs at once; outcomes come back in input order, and `on_done`
     /// is called after each program finishes (for a progress bar).
     pub fn run_all(&self, programs: &[String], on_done: impl Fn() + Sync) -> Vec<Outcome> {
+        self.run_many(programs, false, on_done)
+    }
+
+    /// [`Sandbox::run_all`], keeping the end of what each program printed: a program of
+    /// thought's answer.
+    pub fn run_all_printing(&self, programs: &[String], on_done: impl Fn() + Sync) -> Vec<Outcome> {
+        self.run_many(programs, true, on_done)
+    }
+
+    fn run_many(&self, programs: &[String], capture_stdout: bool, on_done: impl Fn() + Sync) -> Vec<Outcome> {
         self.pool.install(|| {
             // One program per task: runs take seconds, so balance beats batching.
             programs
                 .par_iter()
                 .with_max_len(1)
                 .map(|program| {
-                    let outcome = self.run(program);
+                    let outcome = self.run_with(program, capture_stdout);
                     on_done();
                     outcome
                 })
@@ -404,7 +426,7 @@ impl Sandbox {
     }
 
     /// `Err` only when the child could not be started.
-    fn execute(&self, index: u32, program: &str, timeout: Duration) -> io::Result<Outcome> {
+    fn execute(&self, index: u32, program: &str, timeout: Duration, capture_stdout: bool) -> io::Result<Outcome> {
         let config = &self.config;
         // Cannot overflow: `check_uids` bounded the range (and without root the uid is unused).
         let uid = self.uid_base.wrapping_add(index);
@@ -443,7 +465,7 @@ impl Sandbox {
             .env("HOME", home)
             .env("TMPDIR", home)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if capture_stdout { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped());
         if let Some(dir) = &host_dir {
             command.current_dir(&dir.path);
@@ -550,6 +572,7 @@ struct Run {
     status: io::Result<ExitStatus>,
     timed_out: bool,
     stderr_tail: String,
+    stdout: Option<String>,
     seconds: f64,
 }
 
@@ -572,18 +595,16 @@ impl Run {
             }
             _ => (Verdict::Error, None),
         };
-        Outcome { verdict, reason, stderr_tail: self.stderr_tail, seconds: self.seconds }
+        let exit_code = self.status.ok().and_then(|status| status.code());
+        Outcome { verdict, reason, stderr_tail: self.stderr_tail, stdout: self.stdout, exit_code, seconds: self.seconds }
     }
 }
 
-/// Waits for the child or the deadline, keeping the tail of its stderr, then kills its process
-/// group either way.
+/// Waits for the child or the deadline, keeping the ends of its stderr (and stdout, when
+/// captured), then kills its process group either way.
 fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Run {
-    let mut stderr = child.stderr.take();
-    if let Some(pipe) = &stderr {
-        set_nonblocking(pipe);
-    }
-    let mut tail = Vec::new();
+    let mut stderr = Tail::new(child.stderr.take().map(OwnedFd::from), 2 * TAIL_BYTES);
+    let mut stdout = Tail::new(child.stdout.take().map(OwnedFd::from), 2 * STDOUT_BYTES);
     let deadline = started + timeout;
     let timed_out = loop {
         if has_exited(child.id()) {
@@ -593,15 +614,7 @@ fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Run {
         if now >= deadline {
             break true;
         }
-        let wait = (deadline - now).min(SLICE);
-        match stderr.as_mut() {
-            Some(pipe) => {
-                if !pump(pipe, wait, &mut tail) {
-                    stderr = None;
-                }
-            }
-            None => std::thread::sleep(wait),
-        }
+        Tail::pump([&mut stderr, &mut stdout], (deadline - now).min(SLICE));
     };
     let seconds = started.elapsed().as_secs_f64();
     // The child is not reaped yet, so its pid, which is also its process group id, cannot have
@@ -613,10 +626,12 @@ fn supervise(child: &mut Child, started: Instant, timeout: Duration) -> Run {
     }
     let _ = child.kill();
     let status = child.wait();
-    if let Some(pipe) = stderr.as_mut() {
-        pump(pipe, Duration::ZERO, &mut tail);
-    }
-    Run { status, timed_out, stderr_tail: scrub_tail(&tail), seconds }
+    Tail::pump([&mut stderr, &mut stdout], Duration::ZERO);
+    let stdout = stdout.pipe_seen.then(|| {
+        let bytes = &stdout.bytes[stdout.bytes.len().saturating_sub(STDOUT_BYTES)..];
+        String::from_utf8_lossy(bytes).into_owned()
+    });
+    Run { status, timed_out, stderr_tail: scrub_tail(&stderr.bytes), stdout, seconds }
 }
 
 /// The last [`TAIL_LINES`] lines, at most [`TAIL_BYTES`], starting on a character boundary.
@@ -651,40 +666,76 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
-fn set_nonblocking(pipe: &ChildStderr) {
-    let fd = pipe.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
-    }
+/// The end of what a pipe carried, kept to a bound so a flooding program cannot exhaust our
+/// memory.
+struct Tail {
+    pipe: Option<fs::File>,
+    bytes: Vec<u8>,
+    /// `bytes` is cut back to half of this when it grows past it.
+    keep: usize,
+    pipe_seen: bool,
 }
 
-/// Moves what the pipe holds (waiting up to `wait` for something) into `tail`, keeping only the
-/// end; false at end of file.
-fn pump(pipe: &mut ChildStderr, wait: Duration, tail: &mut Vec<u8>) -> bool {
-    let mut poll = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let millis = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut poll, 1, millis) };
-    let mut buf = [0u8; 8192];
-    // Bounded, so a program flooding stderr cannot keep the supervisor from its deadline.
-    for _ in 0..16 {
-        match pipe.read(&mut buf) {
-            Ok(0) => return false,
-            Ok(n) => {
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > 2 * TAIL_BYTES {
-                    tail.drain(..tail.len() - TAIL_BYTES);
+impl Tail {
+    fn new(pipe: Option<OwnedFd>, keep: usize) -> Self {
+        if let Some(fd) = &pipe {
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                if flags >= 0 {
+                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return e.kind() == io::ErrorKind::WouldBlock,
+        }
+        Self { pipe_seen: pipe.is_some(), pipe: pipe.map(fs::File::from), bytes: Vec::new(), keep }
+    }
+
+    /// Waits up to `wait` for any pipe to hold something, then moves what they hold into
+    /// their tails; a pipe at end of file is dropped.
+    fn pump<const N: usize>(tails: [&mut Tail; N], wait: Duration) {
+        let mut polls: Vec<libc::pollfd> = tails
+            .iter()
+            .filter_map(|t| t.pipe.as_ref())
+            .map(|p| libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        if polls.is_empty() {
+            std::thread::sleep(wait);
+            return;
+        }
+        let millis = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `polls` is a valid array of its length.
+        unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, millis) };
+        for tail in tails {
+            tail.drain();
         }
     }
-    true
+
+    fn drain(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else { return };
+        let mut buf = [0u8; 8192];
+        // Bounded, so a program flooding a pipe cannot keep the supervisor from its deadline.
+        for _ in 0..16 {
+            match pipe.read(&mut buf) {
+                Ok(0) => {
+                    self.pipe = None;
+                    return;
+                }
+                Ok(n) => {
+                    self.bytes.extend_from_slice(&buf[..n]);
+                    if self.bytes.len() > self.keep {
+                        self.bytes.drain(..self.bytes.len() - self.keep / 2);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        self.pipe = None;
+                    }
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A process found in /proc.
