@@ -95,6 +95,25 @@ fn grape_and_lowest_default_to_the_mean_log_probability() {
 }
 
 #[test]
+fn only_restricts_the_candidates_to_named_sources() {
+    let (pool, scores) = pool_and_scores();
+    for name in ["grape", "lowest", "random"] {
+        let picked = run(name, &[("only", "m0,m1")], 3);
+        for p in &picked.picks {
+            let source = &pool.instructions[p.instruction].candidates[p.candidate].source;
+            assert!(source == "m0" || source == "m1", "{name} picked {source}");
+        }
+        assert_eq!(picked.picks.len(), pool.instructions.len(), "{name}: every instruction has m0 or m1");
+    }
+    // Within m0 and m1, grape still takes the best mean: instruction 0's candidate 0 (-1.0 a
+    // token, against candidate 1's -2.0), where over all three it takes candidate 2.
+    assert_eq!(picks_of(&run("grape", &[("only", "m0,m1")], 0), 0), vec![0]);
+    let params: Params = [("only".to_string(), "nobody".to_string())].into();
+    let err = select::build("grape", &params).unwrap().select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed: 0 });
+    assert!(err.unwrap_err().to_string().contains("only=nobody: no such source"));
+}
+
+#[test]
 fn k_picks_are_best_first_and_counts_hold() {
     let (pool, _) = pool_and_scores();
     let grape = run("grape", &[("k", "2")], 0);

@@ -65,7 +65,12 @@ fn gather(path: &std::path::Path, options: &ReportOptions, report_only: bool, un
         Some(name) => Some(PaperTable::load(name, &report::paper::baselines_dir())?),
         None => None,
     };
-    println!("{}", report::results_table(&results, options.ci, paper.as_ref()).terminal());
+    let table = report::results_table(&results, options.ci, paper.as_ref());
+    if paper.is_some() {
+        // Says which of the paper's columns this run lacks, if any.
+        println!("{}", table.title);
+    }
+    println!("{}", table.terminal());
     for table in [report::weight_drift_table(&results), report::cost_table(&results)] {
         if !table.rows.is_empty() {
             println!("{}\n{}", table.title, table.terminal());

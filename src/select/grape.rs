@@ -4,7 +4,7 @@
 //! (i.e., lowest perplexity)" (§3.2); `normalize=sum`, the first version's π(y|x), stays as an
 //! ablation.
 
-use super::{Count, Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
+use super::{Among, Count, Needs, ParamReader, Params, Pick, SelectInput, Selection, Selector};
 use crate::score::Score;
 use crate::{Error, Result};
 
@@ -53,6 +53,7 @@ pub struct Ranked {
     highest: bool,
     normalize: Normalize,
     count: Count,
+    among: Among,
 }
 
 pub fn build_highest(params: &Params) -> Result<Box<dyn Selector>> {
@@ -64,12 +65,13 @@ pub fn build_lowest(params: &Params) -> Result<Box<dyn Selector>> {
 }
 
 fn build(name: &'static str, highest: bool, params: &Params) -> Result<Box<dyn Selector>> {
-    let p = ParamReader::new(name, params, &["normalize", "k", "like"])?;
+    let p = ParamReader::new(name, params, &["normalize", "k", "like", "only"])?;
     Ok(Box::new(Ranked {
         name,
         highest,
         normalize: p.get("normalize", Normalize::Mean, "sum, mean or bytes")?,
         count: Count::read(&p, "k", 1)?,
+        among: Among::read(&p),
     }))
 }
 
@@ -90,12 +92,14 @@ impl Selector for Ranked {
     fn select(&self, input: &SelectInput) -> Result<Selection> {
         let scores = input.scores(self.name)?;
         self.count.check(self.name, input.pool)?;
+        self.among.check(self.name, input.pool)?;
         let mut picks = Vec::new();
         let mut flagged = Vec::new();
         for (i, (instruction, instruction_scores)) in input.pool.instructions.iter().zip(scores).enumerate() {
             let mut ranked: Vec<(usize, f64)> = instruction_scores
                 .iter()
                 .enumerate()
+                .filter(|&(j, _)| self.among.allows(&instruction.candidates[j]))
                 .filter_map(|(j, s)| Some((j, self.normalize.apply(s.as_ref()?))))
                 .collect();
             if ranked.is_empty() {

@@ -130,6 +130,35 @@ impl Count {
     }
 }
 
+/// Which candidates a selector may pick: with `only=A,B`, those of sources A and B (Table 8's
+/// Closest-1 ranks only UltraInteract's own responses; Table 4's GRAPE only the ten samples).
+#[derive(Debug, Clone)]
+struct Among {
+    only: Option<Vec<String>>,
+}
+
+impl Among {
+    fn read(p: &ParamReader) -> Self {
+        Among { only: p.params.get("only").map(|v| v.split(',').map(|s| s.trim().to_string()).collect()) }
+    }
+
+    fn allows(&self, candidate: &crate::pool::Candidate) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&candidate.source))
+    }
+
+    /// Every source named must be one of the pool's.
+    fn check(&self, selector: &str, pool: &Pool) -> Result<()> {
+        let sources = pool.sources();
+        match self.only.iter().flatten().find(|s| !sources.contains(s)) {
+            Some(source) => Err(Error::Invalid(format!(
+                "selector `{selector}`: only={source}: no such source in the pool (sources: {})",
+                sources.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// `key=value` parameters from the command line or an experiment file.
 pub type Params = BTreeMap<String, String>;
 
@@ -137,7 +166,7 @@ type Build = fn(&Params) -> Result<Box<dyn Selector>>;
 
 /// Every selector, by name, with a one-line description.
 pub const REGISTRY: &[(&str, &str, Build)] = &[
-    ("grape", "the highest-scoring k responses per instruction (normalize: sum | mean | bytes)", grape::build_highest),
+    ("grape", "the highest-scoring k responses per instruction (normalize: mean | sum | bytes; only: sources)", grape::build_highest),
     ("lowest", "the lowest-scoring k responses per instruction (the paper's \"Worst\")", grape::build_lowest),
     ("random", "k uniformly random responses per instruction", random::build_random),
     ("strongest", "only the responses of one named source model", strongest::build),
