@@ -209,16 +209,28 @@ fn a_run_killed_during_training_resumes_to_the_same_table() {
 #[test]
 fn paper_experiments_pass_a_dry_run() {
     let dir = tempfile::tempdir().unwrap();
-    for (file, targets) in [
-        ("experiments/ultrainteract.yaml", ["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"]),
-        ("experiments/tulu-olmo.yaml", ["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"]),
+    // One file per table of the paper, each with the rows its baseline CSV has.
+    for (file, targets, rows) in [
+        ("ultrainteract", &["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"][..], &["Original-UI (strongest)", "GRAPE (grape)"][..]),
+        ("tulu-olmo", &["Mistral-7B", "Llama3.1-8B", "Qwen2.5-7B"], &["Highest* (lowest)", "S2L (s2l)", "GRAPE (grape)"]),
+        ("openhermes", &["llama3.1-8b", "mistral-7b-v0.3", "qwen2.5-7b"], &["Subset (strongest)", "GRAPE (grape)"]),
+        ("magpie", &["Mistral-7B-v0.3"], &["GRAPE (10 Qwen2.5-72B-Instruct samples per instruction) (grape)", "Gemma-it-9B (strongest)"]),
+        ("self-generation", &["Mistral", "Llemma"], &["FT-Mistral (from MM-AnsAug) (strongest)", "FT-Llemma (from Llama3.1-70B) (strongest)"]),
+        ("ablation-ui", &["Mistral-7B"], &["Full UI (strongest)", "Closest-1 (grape)", "Random-1 (random)"]),
+        ("self-distill", &["Mistral-7B", "Llama3.1-8B", "Llama3.2-3B"], &["Self-Distilled (strongest)", "GRAPE (grape)"]),
     ] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/{file}.yaml"));
         let plan = succeeded(&harness(&["run", path.to_str().unwrap(), "--dry-run", "--runs-dir", "/nonexistent"], dir.path()));
         for target in targets {
             assert!(plan.contains(&format!("target {target} ")), "{file}: {target} missing from\n{plan}");
         }
-        assert!(plan.contains("GRAPE (grape)"), "{plan}");
+        for row in rows {
+            assert!(plan.contains(row), "{file}: {row} missing from\n{plan}");
+        }
+        if file == "ultrainteract" {
+            let nine = "benchmarks humaneval, leetcode, mbpp, math, math-pot, gsmplus, gsmplus-pot, theoremqa, theoremqa-pot:";
+            assert!(plan.contains(nine), "Table 1's nine columns: {plan}");
+        }
     }
     // The default model cache: SmolLM2 is pulled once for every test that needs it.
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.yaml");

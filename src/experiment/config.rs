@@ -123,6 +123,17 @@ impl SelectorSpec {
     pub fn params(&self) -> Params {
         self.params.iter().map(|(k, v)| (k.clone(), scalar_text(v))).collect()
     }
+
+    /// The parameters for one target: `{target}` in a value becomes its name, so a pool that
+    /// holds each target's own generations (Tables 6 and 9) names them per target.
+    pub fn params_for(&self, target: &str) -> Params {
+        self.params().into_iter().map(|(k, v)| (k, v.replace("{target}", target))).collect()
+    }
+
+    /// The row label for one target, `{target}` replaced as in [`Self::params_for`].
+    pub fn label_for(&self, target: &str) -> String {
+        self.label().replace("{target}", target)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +249,9 @@ impl Experiment {
         let eval_dir = crate::eval::benchmark::eval_dir();
         for b in &self.evaluation.benchmarks {
             crate::eval::benchmark::spec_path(b, &eval_dir).map_err(|e| at(b, format!("evaluation.benchmarks: {e}")))?;
+        }
+        if let Some(name) = &self.scoring.template {
+            name.parse::<crate::model::chat::BuiltinTemplate>().map_err(|e| at("template", format!("scoring.template: {e}")))?;
         }
         if !["truncate", "skip"].contains(&self.scoring.overflow.as_str()) {
             return Err(at("overflow", format!("scoring.overflow `{}`: expected truncate or skip", self.scoring.overflow)));

@@ -128,12 +128,13 @@ fn score_inputs(exp: &Experiment, fingerprint: &str, pool_key: &str) -> serde_js
 fn select_inputs(
     exp: &Experiment,
     spec: &config::SelectorSpec,
+    target: &str,
     selector: &dyn select::Selector,
     needs: &Needs,
     fingerprint: &str,
     pool_key: &str,
 ) -> serde_json::Value {
-    let mut inputs = json!({"selector": spec.name, "params": spec.params(), "seed": exp.seed, "pool": pool_key});
+    let mut inputs = json!({"selector": spec.name, "params": spec.params_for(target), "seed": exp.seed, "pool": pool_key});
     if let Some(defaults) = selector.defaults() {
         inputs["defaults"] = defaults;
     }
@@ -295,11 +296,11 @@ impl<'a> Runner<'a> {
         }
         let mut scores: Option<(Stage, Vec<Vec<Option<Score>>>)> = None;
         for spec in &exp.selectors {
-            let label = spec.label();
-            let selector = select::build(&spec.name, &spec.params())?;
+            let label = &spec.label_for(&target.name);
+            let selector = select::build(&spec.name, &spec.params_for(&target.name))?;
             let mut row = self.row(target, label, Some(&spec.name));
             let needs = needs_for(selector.as_ref(), target);
-            let inputs = select_inputs(exp, spec, selector.as_ref(), &needs, &fingerprint, &self.pool_key);
+            let inputs = select_inputs(exp, spec, &target.name, selector.as_ref(), &needs, &fingerprint, &self.pool_key);
             let select_stage = Stage::new(self.root, "select", &inputs);
             let summary = select_stage.ensure(&inputs, self.options.report_only, || {
                 tracing::info!("[{} / {label}] selecting", target.name);

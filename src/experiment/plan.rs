@@ -157,7 +157,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
         }
         let mut scored = false;
         for spec in &exp.selectors {
-            let selector = select::build(&spec.name, &spec.params())?;
+            let selector = select::build(&spec.name, &spec.params_for(&target.name))?;
             let needs = super::needs_for(selector.as_ref(), target);
             let mut steps = Vec::new();
             if needs == Needs::Scores {
@@ -168,7 +168,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
                 scored = true;
                 steps.push(line);
             }
-            let select = keys.map(|(f, p)| super::select_inputs(exp, spec, selector.as_ref(), &needs, f, p));
+            let select = keys.map(|(f, p)| super::select_inputs(exp, spec, &target.name, selector.as_ref(), &needs, f, p));
             let select_key = select.as_ref().map(Stage::key_of);
             let (select_line, selected) = status("select", select);
             if let Needs::Trajectories(reference) = &needs {
@@ -193,7 +193,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
                 // One response per instruction, times k or factor where the selector has one.
                 let per_instruction = ["k", "factor"]
                     .iter()
-                    .find_map(|k| spec.params().get(*k).and_then(|v| v.parse::<f64>().ok()))
+                    .find_map(|k| spec.params_for(&target.name).get(*k).and_then(|v| v.parse::<f64>().ok()))
                     .unwrap_or(1.0);
                 let examples = pool.as_ref().map_or(0, |p| p.instructions.len()) as f64 * per_instruction;
                 let epochs = exp.training.epochs.max(1) as f64;
@@ -203,7 +203,7 @@ fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> 
             let (line, done) = status("eval", eval);
             steps.push(line);
             flops += if done { 0.0 } else { eval_flops };
-            let _ = writeln!(out, "    {} ({}): {}", spec.label(), spec.name, steps.join(" -> "));
+            let _ = writeln!(out, "    {} ({}): {}", spec.label_for(&target.name), spec.name, steps.join(" -> "));
         }
     }
     Ok(flops)

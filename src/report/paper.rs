@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(t6.value(t6.row("Mistral", "FT-Mistral (from MM-AnsAug)").unwrap(), "math"), Some(20.6));
         assert_eq!(t6.value(t6.row("Mistral", "FT-Mistral (from Llama3.1-70B)").unwrap(), "math"), Some(15.9));
         let t8 = PaperTable::load("table8", &dir).unwrap();
-        let closest = t8.row("Mistral-7B", "closest1_80k").unwrap();
+        let closest = t8.row("Mistral-7B", "Closest-1").unwrap();
         assert_eq!(t8.value(closest, "theoremqa-pot"), Some(12.9));
         let nine = ["humaneval", "leetcode", "mbpp", "math", "math-pot", "gsmplus", "gsmplus-pot", "theoremqa", "theoremqa-pot"]
             .map(String::from);
