@@ -102,7 +102,7 @@ PY
         "$@" || status=$?
         if [[ -n "$sampler" ]]; then kill "$sampler"; fi
         local mib
-        mib=$(sort -n "/tmp/gpu/$step.mem" 2>/dev/null | tail -1)
+        mib=$(sort -n "/tmp/gpu/$step.mem" 2>/dev/null | tail -1 || true)
         echo "{\"step\": \"$step\", \"peak_gpu_mib_nvidia_smi\": ${mib:-null}, \"status\": $status, \"seconds\": $((SECONDS - started))}" | tee -a "$out/memory.jsonl"
     }
 
@@ -140,7 +140,10 @@ PY
 
     echo "== 3. greedy generation on the same shape at batch 1, 16 and 64" | tee -a "$log"
     peak generate-ours bash -c "$h --device $device --dtype bf16 bench generate --model /tmp/gpu/l8 --batch $batches --prompts 64 --max-new-tokens $new --json 2>>$log | ours generate | tee -a $results"
-    peak generate-transformers bash -c "$py benches/reference/hf_generate.py /tmp/gpu/l8 --device $device --batches $batches --new-tokens $new 2>>$log | tee -a $results"
+    # transformers' prompts as long as ours were on average (HumanEval's, in this tokenizer).
+    local prompt_len
+    prompt_len=$(python3 -c 'import json, sys; g = [json.loads(l) for l in open(sys.argv[1]) if "\"generate\"" in l and "harness" in l][-1]; print(round(g["prompt_tokens"] / g["prompts"]))' "$results")
+    peak generate-transformers bash -c "$py benches/reference/hf_generate.py /tmp/gpu/l8 --device $device --batches $batches --prompt-len $prompt_len --new-tokens $new 2>>$log | tee -a $results"
     rm -rf /tmp/gpu/l8
 
     echo "== 4. training steps on the $train_shape shape (f32 weights and moments in both)" | tee -a "$log"

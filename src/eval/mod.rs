@@ -187,7 +187,7 @@ pub fn grade(
             Reference::Typed { answer, answer_type } => {
                 // Eurus reads a program's answer from its last printed line.
                 let found = match run {
-                    Some(_) => text.trim().lines().last().map(|l| (l.trim().to_string(), "LastLine".to_string())),
+                    Some(_) => text.trim().lines().last().map(|l| (l.trim().to_string(), format!("{:?}", math_grade::Extraction::Output))),
                     None => math_grade::extract_answer(text).map(|(a, how)| (a, format!("{how:?}"))),
                 };
                 r.correct = found.as_ref().is_some_and(|(a, _)| theorem_grade::is_correct(a, answer, answer_type));
