@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh run       # on the GPU machine, from the repository root: the check
 #
 # `prepare` builds the stripped CUDA binary and the GPU test binary of tests/precision.rs
-# (scripts/build-cuda.sh), compresses both with xz (the device tool carries 64 MiB), and adds
+# (scripts/build-cuda.sh), compresses both with xz into .gpu/ (the device tool carries 64 MiB
+# in all), and adds
 # what the check reads that lives outside the repository: stories260K, the first 16
 # instructions of the 12-model AlpacaEval pool, the HumanEval file (bench generate's prompts)
 # and the CPU f32 scores of those 16 instructions, to compare the GPU's with.
@@ -26,8 +27,7 @@ cd "$(dirname "$0")/.."
 stage=.gpu
 
 prepare() {
-    mkdir -p "$stage"
-    grep -qxF "/$stage/" .git/info/exclude 2>/dev/null || echo "/$stage/" >>.git/info/exclude
+    mkdir -p "$stage"  # ignored (.gitignore): it travels only where `carry` names it
     scripts/build-cuda.sh
     scripts/build-cuda.sh test --test precision --no-run 2>&1 | tee "$stage/test-build.log"
     local test_bin
