@@ -549,6 +549,11 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Vec<BenchmarkMetrics>> {
                 Some((sum, _)) => {
                     sum.generation_seconds = sum.generation_seconds.zip(m.generation_seconds).map(|(a, b)| a + b);
                     sum.grading_seconds += m.grading_seconds;
+                    // Shards may have run on machines that contained code differently.
+                    sum.sandbox = match (sum.sandbox.take(), m.sandbox) {
+                        (Some(a), Some(b)) => Some(a.weakest(&b)),
+                        (a, b) => a.or(b),
+                    };
                 }
                 None => benchmarks.push((m, Vec::new())),
             }

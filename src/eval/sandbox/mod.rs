@@ -198,6 +198,17 @@ pub struct Protections {
 }
 
 impl Protections {
+    /// What two runs both had: a merge of shards is only as contained as its least contained part.
+    pub fn weakest(&self, other: &Protections) -> Protections {
+        Protections {
+            uid_drop: self.uid_drop && other.uid_drop,
+            landlock_abi: self.landlock_abi.zip(other.landlock_abi).map(|(a, b)| a.min(b)),
+            seccomp: self.seccomp && other.seccomp,
+            namespaces: self.namespaces.iter().filter(|n| other.namespaces.contains(n)).cloned().collect(),
+            unsandboxed: self.unsandboxed || other.unsandboxed,
+        }
+    }
+
     /// What is left uncontained: each entry names a kind of harm and the layers that would stop it.
     pub fn missing(&self) -> Vec<&'static str> {
         let has = |ns: &str| self.namespaces.iter().any(|n| n == ns);
@@ -1047,8 +1058,11 @@ mod tests {
         assert_eq!(bare.missing().len(), 3);
         let landlock_only = Protections { landlock_abi: Some(6), seccomp: true, ..bare.clone() };
         assert!(landlock_only.missing().is_empty());
-        let old_landlock = Protections { landlock_abi: Some(3), ..landlock_only };
+        let old_landlock = Protections { landlock_abi: Some(3), ..landlock_only.clone() };
         assert_eq!(old_landlock.missing().len(), 2, "{:?}", old_landlock.missing());
+        let merged = protections.weakest(&old_landlock);
+        assert_eq!(merged.landlock_abi, landlock::abi().map(|abi| abi.min(3)));
+        assert!(merged.namespaces.is_empty() && merged.uid_drop == (protections.uid_drop && old_landlock.uid_drop));
     }
 
     #[test]
