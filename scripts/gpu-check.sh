@@ -33,7 +33,9 @@ prepare() {
     local test_bin
     test_bin=$(grep -o 'target/cuda/[^ )]*/deps/precision-[0-9a-f]*' "$stage/test-build.log" | tail -1)
     xz -9 -T0 -c target/cuda/release/harness >"$stage/harness.xz"
-    xz -9 -T0 -c "$test_bin" >"$stage/precision.xz"
+    # Without its debug info the test binary packs to a third.
+    strip -o "$stage/precision" "$test_bin"
+    xz -9 -T0 -c "$stage/precision" >"$stage/precision.xz" && rm "$stage/precision"
     cp ../shared/models/stories260K.gguf "$stage/"
     cp ../shared/data/eval/HumanEval.jsonl.gz "$stage/"
     # The first 16 instructions (all their candidates) of the pool, and their CPU f32 scores.
