@@ -76,6 +76,12 @@ for root in site.getsitepackages():
 print(":".join(sorted(dirs)))
 PY
 )
+    # The driver's libcuda.so.1 (the binary links a stub of it): where the loader finds it, or
+    # in the driver's own folder.
+    local driver
+    for driver in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+        if [[ -e "$driver/libcuda.so.1" ]]; then libs="$libs:$driver"; fi
+    done
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "no nvidia-smi: a rehearsal on $device"
