@@ -363,7 +363,7 @@ pub fn extract_code(response_prefix: &str, completion: &str) -> String {
 }
 
 /// A program of thought, as Eurus runs one (eval/utils/python_interpreter.py): the last
-/// ```python block of the completion (Eurus runs each block alone and keeps the last one's
+/// `` ```python `` block of the completion (Eurus runs each block alone and keeps the last one's
 /// output), its last line wrapped in `print(...)` unless it prints already. `None` when the
 /// completion has no closed block: its text is then graded as a chain of thought.
 pub fn program_of_thought(completion: &str) -> Option<String> {
