@@ -139,17 +139,16 @@ pub fn grade(
     // instead when it holds no program).
     let mut runs: Vec<Option<sandbox::Outcome>> = vec![None; completions.len()];
     if bench.spec.grader.program_of_thought() {
-        let programs: Vec<(usize, String)> = completions
+        let (which, programs): (Vec<usize>, Vec<String>) = completions
             .iter()
             .enumerate()
             .filter_map(|(i, c)| Some((i, benchmark::program_of_thought(&c.text)?)))
-            .collect();
+            .unzip();
         if !programs.is_empty() {
             let sandbox =
                 sandbox.ok_or_else(|| Error::Invalid(format!("{} runs programs of thought: it needs a sandbox", bench.name())))?;
-            let texts: Vec<String> = programs.iter().map(|(_, p)| p.clone()).collect();
-            for ((i, _), outcome) in programs.iter().zip(sandbox.run_all_printing(&texts, || {})) {
-                runs[*i] = Some(outcome);
+            for (i, outcome) in which.into_iter().zip(sandbox.run_all_printing(&programs, || {})) {
+                runs[i] = Some(outcome);
             }
         }
     }

@@ -93,7 +93,7 @@ struct Encoded {
 /// Scores every response of every group: `result[g][i]` is `None` only when the pair was
 /// too long and `Overflow::Skip` is set.
 pub fn score(model: &LoadedModel, groups: &[Group], options: &ScoreOptions) -> Result<Vec<Vec<Option<Score>>>> {
-    score_with(model, groups, options, |_| Ok(()))
+    score_with(model, groups, &options.fitted(model), |_| Ok(()))
 }
 
 /// [`score`], serving what `store` already holds and saving every new batch to it as soon
@@ -147,13 +147,13 @@ pub fn score_stored(
     Ok((results, computed))
 }
 
+/// `options` already [`ScoreOptions::fitted`] to `model`.
 fn score_with(
     model: &LoadedModel,
     groups: &[Group],
     options: &ScoreOptions,
     mut on_batch: impl FnMut(&[(usize, usize, &Score)]) -> Result<()>,
 ) -> Result<Vec<Vec<Option<Score>>>> {
-    let options = &options.fitted(model);
     let decoder = model.decoder()?;
     let device = model.device.clone();
     let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();

@@ -120,13 +120,19 @@ impl Count {
 
     /// `like` must name a source of the pool.
     fn check(&self, selector: &str, pool: &Pool) -> Result<()> {
-        match &self.like {
-            Some(source) if !pool.sources().contains(source) => Err(Error::Invalid(format!(
-                "selector `{selector}`: like={source}: no such source in the pool (sources: {})",
-                pool.sources().join(", ")
-            ))),
-            _ => Ok(()),
-        }
+        check_sources(selector, "like", self.like.iter(), pool)
+    }
+}
+
+/// Each of `named` (a selector's `key=` parameter) must be a source of the pool.
+fn check_sources<'a>(selector: &str, key: &str, mut named: impl Iterator<Item = &'a String>, pool: &Pool) -> Result<()> {
+    let sources = pool.sources();
+    match named.find(|s| !sources.contains(s)) {
+        Some(source) => Err(Error::Invalid(format!(
+            "selector `{selector}`: {key}={source}: no such source in the pool (sources: {})",
+            sources.join(", ")
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -148,14 +154,7 @@ impl Among {
 
     /// Every source named must be one of the pool's.
     fn check(&self, selector: &str, pool: &Pool) -> Result<()> {
-        let sources = pool.sources();
-        match self.only.iter().flatten().find(|s| !sources.contains(s)) {
-            Some(source) => Err(Error::Invalid(format!(
-                "selector `{selector}`: only={source}: no such source in the pool (sources: {})",
-                sources.join(", ")
-            ))),
-            None => Ok(()),
-        }
+        check_sources(selector, "only", self.only.iter().flatten(), pool)
     }
 }
 

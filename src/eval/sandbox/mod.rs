@@ -304,7 +304,7 @@ impl Sandbox {
                 let mut paths: Vec<(&Path, landlock::Access)> =
                     readable.iter().map(|p| (p.as_path(), landlock::Access::Read)).collect();
                 paths.push((Path::new("/dev/null"), landlock::Access::Full));
-                Some(landlock::Policy::new(abi, &paths).map_err(|e| error(format!("Landlock rules: {e}")))?)
+                Some(landlock::Policy::new(abi, &paths))
             }
             None => None,
         };
@@ -704,18 +704,15 @@ impl Tail {
     /// Waits up to `wait` for any pipe to hold something, then moves what they hold into
     /// their tails; a pipe at end of file is dropped.
     fn pump<const N: usize>(tails: [&mut Tail; N], wait: Duration) {
-        let mut polls: Vec<libc::pollfd> = tails
-            .iter()
-            .filter_map(|t| t.pipe.as_ref())
-            .map(|p| libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
-        if polls.is_empty() {
-            std::thread::sleep(wait);
-            return;
-        }
+        // poll skips negative descriptors: a closed pipe is -1, so the wait still happens.
+        let mut polls = tails.each_ref().map(|t| libc::pollfd {
+            fd: t.pipe.as_ref().map_or(-1, |p| p.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let millis = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: `polls` is a valid array of its length.
-        unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, millis) };
+        unsafe { libc::poll(polls.as_mut_ptr(), N as libc::nfds_t, millis) };
         for tail in tails {
             tail.drain();
         }
