@@ -17,11 +17,23 @@ pub fn pass_at_k(n: usize, correct: usize, k: usize) -> f64 {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
-    /// In [0, 1].
+    /// In [0, 1]; NaN over no items (a shard that drew none of a benchmark's).
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
     pub n: usize,
     /// 95% percentile-bootstrap interval over items.
+    #[serde(deserialize_with = "nan_pair_if_null")]
     pub ci95: (f64, f64),
+}
+
+/// JSON writes NaN as `null`; read back, it is NaN again.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn nan_pair_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(f64, f64), D::Error> {
+    let (low, high) = <(Option<f64>, Option<f64>)>::deserialize(d)?;
+    Ok((low.unwrap_or(f64::NAN), high.unwrap_or(f64::NAN)))
 }
 
 /// Mean of per-item scores with a seeded percentile bootstrap (1000 resamples).
@@ -51,6 +63,13 @@ mod tests {
         assert!((pass_at_k(10, 3, 5) - (1.0 - 21.0 / 252.0)).abs() < 1e-12);
         assert_eq!(pass_at_k(10, 6, 5), 1.0);
         assert!(pass_at_k(3, 1, 5).is_nan());
+    }
+
+    #[test]
+    fn an_estimate_over_no_items_survives_json() {
+        let none = estimate(&[], 0);
+        let back: Estimate = serde_json::from_str(&serde_json::to_string(&none).unwrap()).unwrap();
+        assert!(back.value.is_nan() && back.ci95.0.is_nan() && back.n == 0);
     }
 
     #[test]

@@ -105,30 +105,18 @@ pub fn score_stored(
     store: &mut ScoreStore,
 ) -> Result<(Vec<Vec<Option<Score>>>, usize)> {
     let options = &options.fitted(model);
-    let keys: Vec<Vec<String>> =
-        groups.iter().map(|g| g.responses.iter().map(|r| pair_hash(&g.prompt, r)).collect()).collect();
-    let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
-    // What is still to score: (group, candidate) of each missing response, grouped again.
+    let (mut results, lacking) = lookup(store, groups, options);
+    // What is still to score, grouped again: (group, candidate) of each missing response.
     let mut missing: Vec<(Group, Vec<(usize, usize)>)> = Vec::new();
-    for (g, group) in groups.iter().enumerate() {
-        let mut todo = (Group { prompt: group.prompt.clone(), responses: Vec::new() }, Vec::new());
-        for (i, response) in group.responses.iter().enumerate() {
-            let stored = store
-                .get(options.max_len, &keys[g][i])
-                .filter(|s| !options.keep_token_logprobs || s.token_logprobs.is_some());
-            match stored {
-                // A pair stored truncated is one that `Overflow::Skip` leaves unscored.
-                Some(s) => results[g][i] = (!s.truncated || options.overflow == Overflow::Truncate).then(|| s.clone()),
-                None => {
-                    todo.0.responses.push(response.clone());
-                    todo.1.push((g, i));
-                }
-            }
+    for (g, i) in lacking {
+        if missing.last().is_none_or(|(_, origin)| origin[0].0 != g) {
+            missing.push((Group { prompt: groups[g].prompt.clone(), responses: Vec::new() }, Vec::new()));
         }
-        if !todo.1.is_empty() {
-            missing.push(todo);
-        }
+        let (todo, origin) = missing.last_mut().expect("pushed above");
+        todo.responses.push(groups[g].responses[i].clone());
+        origin.push((g, i));
     }
+    let keys = pair_keys(groups);
     let (todo_groups, origins): (Vec<Group>, Vec<Vec<(usize, usize)>>) = missing.into_iter().unzip();
     let fresh = score_with(model, &todo_groups, options, |batch| {
         let rows = batch.iter().map(|&(g, i, s)| {
@@ -145,6 +133,46 @@ pub fn score_stored(
         }
     }
     Ok((results, computed))
+}
+
+/// Prompt tokens of the pool, each prompt once: the scorer runs a prompt once for all of its
+/// candidates, so this plus the response tokens is the whole forward work of one pass.
+pub fn prompt_tokens(model: &LoadedModel, pool: &crate::pool::Pool) -> Result<usize> {
+    let mut total = 0;
+    for ins in &pool.instructions {
+        let Some(first) = ins.candidates.first() else { continue };
+        total += model.encode_pair(&ins.prompt, &first.response)?.first_response;
+    }
+    Ok(total)
+}
+
+/// `scores[g][i]`: candidate `i` of group `g`, `None` where unscored.
+pub type Scores = Vec<Vec<Option<Score>>>;
+
+fn pair_keys(groups: &[Group]) -> Vec<Vec<String>> {
+    groups.iter().map(|g| g.responses.iter().map(|r| pair_hash(&g.prompt, r)).collect()).collect()
+}
+
+/// What `store` holds of `groups` under `options` (already [`ScoreOptions::fitted`]): the
+/// scores, `None` where missing, and the (group, candidate) pairs it lacks, in order. A
+/// finished scoring stage lacks none that can be scored, so selection needs no weights.
+pub fn lookup(store: &ScoreStore, groups: &[Group], options: &ScoreOptions) -> (Scores, Vec<(usize, usize)>) {
+    let keys = pair_keys(groups);
+    let mut results: Vec<Vec<Option<Score>>> = groups.iter().map(|g| vec![None; g.responses.len()]).collect();
+    let mut lacking = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for i in 0..group.responses.len() {
+            let stored = store
+                .get(options.max_len, &keys[g][i])
+                .filter(|s| !options.keep_token_logprobs || s.token_logprobs.is_some());
+            match stored {
+                // A pair stored truncated is one that `Overflow::Skip` leaves unscored.
+                Some(s) => results[g][i] = (!s.truncated || options.overflow == Overflow::Truncate).then(|| s.clone()),
+                None => lacking.push((g, i)),
+            }
+        }
+    }
+    (results, lacking)
 }
 
 /// `options` already [`ScoreOptions::fitted`] to `model`.
