@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use grape_harness::model;
-use grape_harness::train::{self, optim::Schedule, TrainConfig, Trainable};
+use grape_harness::train::{self, optim::Schedule, Examples, Prepared, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -75,13 +75,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         snapshot_every: args.snapshot_every,
     };
     let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
-    let (loaded, vars) =
-        model::load_trainable(&args.model, &options).with_context(|| format!("loading `{}`", args.model))?;
-    let data = train::data::read(&args.data, &loaded, config.max_len)
-        .with_context(|| format!("reading training data {}", args.data.display()))?;
-    let target = Trainable { model: &loaded, vars: &vars, base_fingerprint: loaded.fingerprint()? };
-    let report = train::train(&target, &data, &config, &args.out, args.resume, true)
+    let prepared = Prepared::load(&args.model, &options, Examples::File(&args.data), config.max_len)
+        .with_context(|| format!("loading `{}` and its training data {}", args.model, args.data.display()))?;
+    let report = prepared
+        .train(&config, &args.out, args.resume, true)
         .with_context(|| format!("training into {}", args.out.display()))?;
+    let data = &prepared.data;
     println!(
         "trained {} steps on {} examples ({} truncated, {} skipped){}: loss {} -> {}, {:.0} tokens/s, weight L2 drift {:.4}; \
          model in {}",

@@ -113,6 +113,45 @@ pub struct Trainable<'a> {
     pub base_fingerprint: String,
 }
 
+/// Where a fine-tuning run's examples come from.
+pub enum Examples<'a> {
+    /// An SFT file of `messages` rows, as `harness select` writes it.
+    File(&'a Path),
+    /// (what to call the pair in an error, prompt, response).
+    Pairs(Vec<(String, &'a str, &'a str)>),
+}
+
+/// A model loaded for training with its examples encoded as the scorer encodes them: the one
+/// load → encode → train path that the train stage, `harness train` and S2L's reference share.
+pub struct Prepared {
+    pub model: LoadedModel,
+    pub vars: VarMap,
+    pub data: data::SftData,
+}
+
+impl Prepared {
+    pub fn load(model: &str, options: &crate::model::LoadOptions, examples: Examples, max_len: usize) -> Result<Self> {
+        let (model, vars) = crate::model::load_trainable(model, options)?;
+        let data = match examples {
+            Examples::File(path) => data::read(path, &model, max_len)?,
+            Examples::Pairs(pairs) => {
+                let mut data = data::SftData::default();
+                for (name, prompt, response) in pairs {
+                    data.push(&model, prompt, response, max_len).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                }
+                data
+            }
+        };
+        Ok(Prepared { model, vars, data })
+    }
+
+    /// Fine-tunes into `out` (see [`train`]).
+    pub fn train(&self, config: &TrainConfig, out: &Path, resume: bool, progress: bool) -> Result<TrainReport> {
+        let target = Trainable { model: &self.model, vars: &self.vars, base_fingerprint: self.model.fingerprint()? };
+        train(&target, &self.data, config, out, resume, progress)
+    }
+}
+
 /// Fine-tunes on `data`, writing logs, checkpoints, the loss curve and the exported model
 /// under `out`. With `resume`, continues from the newest checkpoint there.
 pub fn train(
