@@ -9,40 +9,15 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{harness, have, succeeded, STORIES};
+use common::{comparable_results, harness, have, plan_keys, stage_folders, succeeded, tiny_pool, STORIES};
 
 fn have_stories() -> bool {
     have(&[STORIES, "../shared/data/eval/HumanEval.jsonl.gz"])
 }
 
-/// 6 story-like instructions with 3 candidates each, in `dir`.
-fn write_pool(dir: &Path) -> PathBuf {
-    let prompts = ["Tell me about a cat.", "Who is Lily?", "Say hi.", "What did Tom find?", "Where is the ball?", "Why was Sue sad?"];
-    let responses = [
-        "The cat sat on the mat and was happy.",
-        "Lily is a little girl who likes to play in the park.",
-        "Once upon a time there was a big tree.",
-        "He found a shiny red ball under the bed.",
-        "It is in the garden next to the dog.",
-        "She lost her toy and cried.",
-        "The sun was warm and the birds sang.",
-    ];
-    let mut text = String::new();
-    for (i, prompt) in prompts.iter().enumerate() {
-        for (j, source) in ["alpha", "beta", "gamma"].iter().enumerate() {
-            let response = responses[(i + j * 3) % responses.len()];
-            let row = serde_json::json!({"instruction_id": i, "prompt": prompt, "response": response, "source": source});
-            text += &format!("{row}\n");
-        }
-    }
-    let path = dir.join("pool.jsonl");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// A tiny experiment; more `epochs` make a training run long enough to be caught mid-way.
 fn write_experiment(dir: &Path, epochs: usize) -> PathBuf {
-    let pool = write_pool(dir);
+    let pool = tiny_pool(dir);
     let yaml = format!(
         r#"name: tiny
 seed: 3
@@ -76,19 +51,8 @@ fn events(runs: &Path) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// The table without timings, which differ between runs.
 fn results(runs: &Path) -> Value {
-    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(runs.join("tiny/report/results.json")).unwrap()).unwrap();
-    for row in json["rows"].as_array_mut().unwrap() {
-        for key in ["seconds", "tokens_per_second"] {
-            if let Some(train) = row["train"].as_object_mut() {
-                train.remove(key);
-            }
-        }
-        row.as_object_mut().unwrap().remove("selection_cost");
-        row.as_object_mut().unwrap().remove("train_log");
-    }
-    json
+    comparable_results(&runs.join("tiny/report/results.json"))
 }
 
 #[test]
@@ -132,7 +96,13 @@ fn tiny_experiment_runs_end_to_end_and_is_served_from_the_cache() {
 
     // The dry run sees every stage cached.
     let plan = succeeded(&harness(&["run", experiment.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap(), "--dry-run"], &cache));
-    assert!(plan.contains("cached") && !plan.contains("to run"), "{plan}");
+    assert!(plan.contains("cached") && !plan.contains("to run") && plan.contains(", 0 to compute"), "{plan}");
+    // Its stages are exactly the folders the run made.
+    for kind in ["score", "trajectories", "select", "train", "eval"] {
+        let folders = stage_folders(&runs.join("tiny"), kind);
+        assert!(!folders.is_empty(), "{kind}");
+        assert_eq!(folders, plan_keys(&plan, kind), "{kind}");
+    }
 }
 
 #[test]

@@ -68,7 +68,7 @@ fn s2l_selects_evenly_from_clusters_of_real_trajectories() {
     let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = manifest.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 8);
-    assert!(rows.iter().all(|r| r["cluster"].as_u64().is_some_and(|c| c < 3)), "{manifest}");
+    assert!(rows.iter().all(|r| r["detail"]["cluster"].as_u64().is_some_and(|c| c < 3)), "{manifest}");
     let taken: Vec<u64> = report["picks_per_cluster"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let open: Vec<u64> = taken.iter().zip(&sizes).filter(|(t, s)| t < s).map(|(t, _)| *t).collect();
     assert!(open.iter().max().unwrap() - open.iter().min().unwrap() <= 1, "{taken:?} of {sizes:?}");

@@ -41,7 +41,7 @@ fn run(name: &str, params: &[(&str, &str)], seed: u64) -> Selection {
     let (pool, scores) = pool_and_scores();
     let params: Params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let selector = select::build(name, &params).unwrap();
-    selector.select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed }).unwrap()
+    selector.select(&SelectInput { pool: &pool, scores: Some(&scores), stage: None, seed }).unwrap()
 }
 
 fn picks_of(selection: &Selection, instruction: usize) -> Vec<usize> {
@@ -109,7 +109,7 @@ fn only_restricts_the_candidates_to_named_sources() {
     // token, against candidate 1's -2.0), where over all three it takes candidate 2.
     assert_eq!(picks_of(&run("grape", &[("only", "m0,m1")], 0), 0), vec![0]);
     let params: Params = [("only".to_string(), "nobody".to_string())].into();
-    let err = select::build("grape", &params).unwrap().select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed: 0 });
+    let err = select::build("grape", &params).unwrap().select(&SelectInput { pool: &pool, scores: Some(&scores), stage: None, seed: 0 });
     assert!(err.unwrap_err().to_string().contains("only=nobody: no such source"));
 }
 
@@ -168,7 +168,7 @@ fn bad_names_and_parameters_are_clear() {
         let params: Params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         match select::build(name, &params) {
             Err(e) => e.to_string(),
-            Ok(s) => s.select(&SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed: 0 }).unwrap_err().to_string(),
+            Ok(s) => s.select(&SelectInput { pool: &pool, scores: Some(&scores), stage: None, seed: 0 }).unwrap_err().to_string(),
         }
     };
     let e = err("best", &[]);
@@ -184,7 +184,7 @@ fn bad_names_and_parameters_are_clear() {
     let e = err("strongest", &[]);
     assert!(e.contains("`source` is required"), "{e}");
     let selector = select::build("grape", &Params::new()).unwrap();
-    let e = selector.select(&SelectInput { pool: &pool, scores: None, trajectories: None, seed: 0 }).unwrap_err().to_string();
+    let e = selector.select(&SelectInput { pool: &pool, scores: None, stage: None, seed: 0 }).unwrap_err().to_string();
     assert!(e.contains("needs scores"), "{e}");
 }
 
@@ -227,7 +227,7 @@ fn counts_like_a_source_longest_and_all() {
     let params: Params = [("like".to_string(), "nobody".to_string())].into();
     let err = select::build("random", &params)
         .unwrap()
-        .select(&SelectInput { pool: &pool, scores: None, trajectories: None, seed: 0 })
+        .select(&SelectInput { pool: &pool, scores: None, stage: None, seed: 0 })
         .unwrap_err()
         .to_string();
     assert!(err.contains("like=nobody") && err.contains("m0"), "{err}");

@@ -33,6 +33,12 @@ pub enum Command {
     Run(run::RunArgs),
     /// The results table of an experiment's finished stages (computes nothing).
     Report(run::ReportArgs),
+    /// One stage of an experiment's graph, by key (what a cluster job runs).
+    #[command(subcommand)]
+    Stage(run::StageCommand),
+    /// Each stage of an experiment: done, running, pending, failed (with its log) or not
+    /// submitted, from runs/ and Slurm.
+    Status(run::StatusArgs),
     /// Fetch, inspect and tokenize with models.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -58,9 +64,13 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     grape_harness::model::Placement::parse(&cli.device, &cli.dtype)?.install();
+    // What a cluster job must repeat to run a stage as this command would.
+    let global_args = vec!["--device".to_string(), cli.device.clone(), "--dtype".to_string(), cli.dtype.clone()];
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(args, global_args),
         Command::Report(args) => run::report(args),
+        Command::Stage(cmd) => run::run_stage(cmd),
+        Command::Status(args) => run::status(args),
         Command::Model(cmd) => model::run(cmd),
         Command::Score(args) => score::run_score(args),
         Command::MergeScores(args) => score::run_merge(args),

@@ -90,7 +90,7 @@ pub fn run(cmd: PoolCommand) -> anyhow::Result<()> {
             path.display(),
             args.max_len
         );
-        let input = SelectInput { pool: &pool, scores: Some(&scores), trajectories: None, seed: 0 };
+        let input = SelectInput { pool: &pool, scores: Some(&scores), stage: None, seed: 0 };
         let grape = select::build("grape", &Params::new())?.select(&input)?;
         report["length_correlation"] = serde_json::to_value(&correlation)?;
         report["grape_source_shares"] = serde_json::to_value(stats::source_shares(&pool, &grape))?;

@@ -1,8 +1,12 @@
-//! `harness run EXPERIMENT.yaml [--dry-run]` and `harness report EXPERIMENT.yaml [--paper T]`.
+//! `harness run EXPERIMENT.yaml [--dry-run] [--executor slurm]`, `harness report`,
+//! `harness stage run EXPERIMENT.yaml KEY` and `harness status EXPERIMENT.yaml`.
 
 use anyhow::Context;
-use clap::Args;
-use grape_harness::experiment::{self, plan, RunOptions};
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use grape_harness::experiment::graph::Graph;
+use grape_harness::experiment::{self, execute, plan, slurm, RunOptions};
+use grape_harness::shard::Shard;
 use grape_harness::report::{self, paper::PaperTable};
 use std::path::PathBuf;
 
@@ -17,8 +21,46 @@ pub struct RunArgs {
     /// root); recorded in each evaluation's metrics.json.
     #[arg(long)]
     unsandboxed: bool,
+    /// local: every stage in this process. slurm: submit the unfinished stages as sbatch jobs
+    /// (see `resources:` in the experiment file) and return; `harness status` follows them.
+    #[arg(long, value_enum, default_value = "local")]
+    executor: Executor,
     #[command(flatten)]
     report: ReportOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Executor {
+    Local,
+    Slurm,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StageCommand {
+    /// Run one stage of an experiment (what a Slurm job runs): refused until the stages it
+    /// reads have finished; resumes a stage that was cut off.
+    Run(StageRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StageRunArgs {
+    experiment: PathBuf,
+    /// The stage's key: its folder name under runs/<experiment>/<kind>/ (16 hex digits), or `report`.
+    key: String,
+    /// Only part i of N of a split stage; a run without --shard then merges the parts.
+    #[arg(long, value_name = "i/N")]
+    shard: Option<Shard>,
+    #[arg(long)]
+    unsandboxed: bool,
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    experiment: PathBuf,
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -43,14 +85,77 @@ struct ReportOptions {
     ci: bool,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
+pub fn run(args: RunArgs, global_args: Vec<String>) -> anyhow::Result<()> {
     if args.dry_run {
         let plan = plan::plan(&args.experiment, &args.report.runs_dir)
             .context("planning the experiment")?;
         print!("{plan}");
         return Ok(());
     }
-    gather(&args.experiment, &args.report, false, args.unsandboxed)
+    match args.executor {
+        Executor::Local => gather(&args.experiment, &args.report, false, args.unsandboxed),
+        Executor::Slurm => submit(&args, global_args),
+    }
+}
+
+fn submit(args: &RunArgs, global_args: Vec<String>) -> anyhow::Result<()> {
+    let runs_dir = std::path::absolute(&args.report.runs_dir).context("the runs folder")?;
+    let graph = experiment::checked_graph(&args.experiment, &runs_dir).context("reading the experiment")?;
+    let mut global_args = global_args;
+    if args.unsandboxed {
+        global_args.push("--unsandboxed".into());
+    }
+    let command = slurm::JobCommand {
+        exe: std::env::current_exe().context("locating the harness binary")?,
+        global_args,
+        runs_dir,
+        workdir: std::env::current_dir().context("the working folder")?,
+    };
+    let submitted = slurm::submit(&graph, &command).context("submitting to Slurm")?;
+    if submitted.is_empty() {
+        println!("nothing to submit: every stage of {} is finished or queued", graph.name);
+    }
+    for s in &submitted {
+        println!("{:<40} {:<30} job {}", s.label, s.stage, s.jobs.join(" then "));
+    }
+    println!("submitted {} stage(s); follow them with `harness status {}`", submitted.len(), args.experiment.display());
+    Ok(())
+}
+
+pub fn run_stage(cmd: StageCommand) -> anyhow::Result<()> {
+    let StageCommand::Run(args) = cmd;
+    if args.key == "report" {
+        let options = ReportOptions { runs_dir: args.runs_dir, paper: None, ci: false };
+        return gather(&args.experiment, &options, true, false);
+    }
+    let graph = experiment::checked_graph(&args.experiment, &args.runs_dir).context("reading the experiment")?;
+    let at = graph.find(&args.key)?;
+    let options = RunOptions { runs_dir: args.runs_dir.clone(), progress: true, report_only: false, unsandboxed: args.unsandboxed };
+    let node = &graph.nodes[at];
+    execute::run_stage(&graph, at, args.shard, &options)
+        .with_context(|| format!("stage {}/{} ({})", node.kind, execute::short(node), node.label))?;
+    let part = args.shard.map_or(String::new(), |s| format!(" shard {s}"));
+    println!("stage {}/{}{part} finished ({})", node.kind, execute::short(node), node.label);
+    Ok(())
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let graph = Graph::build(&args.experiment, &args.runs_dir).context("reading the experiment")?;
+    let states = slurm::status(&graph);
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(["stage", "for", "state", "log"]);
+    for (node, state) in graph.nodes.iter().zip(&states) {
+        let log = match state {
+            slurm::State::Failed { log: Some(log), .. } => log.display().to_string(),
+            _ => String::new(),
+        };
+        table.add_row([format!("{}/{}", node.kind, execute::short(node)), node.label.clone(), state.to_string(), log]);
+    }
+    println!("{table}");
+    let done = states.iter().filter(|s| **s == slurm::State::Done).count();
+    let failed = states.iter().filter(|s| matches!(s, slurm::State::Failed { .. })).count();
+    println!("{done} of {} stages done, {failed} failed", states.len());
+    Ok(())
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {

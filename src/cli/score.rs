@@ -8,7 +8,8 @@ use grape_harness::model::{self, LoadedModel};
 use grape_harness::pool::{stats, Pool};
 use grape_harness::score::shard::{self, Shard, ShardRecord};
 use grape_harness::score::{self, Overflow, Score, ScoreOptions, ScoreStore};
-use grape_harness::select::{self, s2l, Needs, Params, SelectInput};
+use grape_harness::select::{self, Needs, Params, SelectInput, StageJob, StageTarget};
+use grape_harness::util::sha256_bytes;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -130,12 +131,14 @@ pub struct SelectArgs {
     /// Folder for manifest.jsonl and sft.jsonl.
     #[arg(long)]
     out: PathBuf,
-    /// Where s2l trains its reference model and keeps the loss trajectories [default: OUT/trajectories].
+    /// Where a selector's own stage works (s2l: its reference model and loss trajectories),
+    /// in a folder per settings [default: OUT/<stage kind>].
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// s2l only: compute the loss trajectories of shard i of N (instructions split by a hash
-    /// of their id) into the work folder and stop; a run without --shard on the same folder
-    /// merges the N parts and selects. (Score-ranked selectors: `harness score --shard`.)
+    /// Compute only shard i of N of the selector's own stage (s2l: its loss trajectories;
+    /// instructions split by a hash of their id) into the work folder and stop; a run without
+    /// --shard on the same folder merges the N parts and selects. (Score-ranked selectors:
+    /// `harness score --shard`.)
     #[arg(long, value_name = "i/N")]
     shard: Option<Shard>,
 }
@@ -209,10 +212,10 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
     let pool = args.pool.read()?;
     let model_for = |why: &str| args.model.as_deref().with_context(|| format!("selector `{name}` {why}: give --model"));
     let needs = selector.needs();
-    if args.shard.is_some() && !matches!(needs, Needs::Trajectories(_)) {
-        anyhow::bail!("--shard splits S2L's trajectories; `{name}` has none (shard its scores with `harness score --shard`)");
+    if args.shard.is_some() && !matches!(&needs, Needs::Stage(stage) if stage.shardable()) {
+        anyhow::bail!("--shard splits a selector's own stage (S2L's trajectories); `{name}` has none to split (shard scores with `harness score --shard`)");
     }
-    let (scores, trajectories) = match needs {
+    let (scores, stage_dir) = match needs {
         Needs::Nothing => (None, None),
         Needs::Scores => {
             let model = args.scoring.scorer(load(model_for("ranks by scores")?, args.template.as_deref())?)?;
@@ -234,47 +237,42 @@ pub fn run_select(args: SelectArgs) -> anyhow::Result<()> {
             }
             (Some(score_pool(&model, &pool, &options, &mut store)?), None)
         }
-        Needs::Trajectories(reference) => {
-            let target = model_for("trains a reference model of the target's family")?;
+        Needs::Stage(stage) => {
+            let target = model_for(&format!("computes its {} with the target", stage.kind()))?;
+            let fingerprint = model::inspect_fingerprinted(target, args.template.as_deref())
+                .and_then(|m| m.fingerprint())
+                .with_context(|| format!("reading `{target}`"))?;
+            let stage_target = StageTarget { model: target, fingerprint: &fingerprint, reference: None };
+            // One folder per (settings, target, pool, seed), as the experiment's stages are named.
+            let key = sha256_bytes(format!("{}\0{}\0{}", stage.key_inputs(&stage_target), pool.digest(), args.seed).as_bytes());
+            let dir = args.work_dir.clone().unwrap_or_else(|| args.out.join(stage.kind())).join(&key[..16]);
             let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
-            let dir = args.work_dir.clone().unwrap_or_else(|| args.out.join("trajectories"));
-            let job = s2l::trajectories::Job {
-                target,
+            let job = StageJob {
+                target: stage_target,
                 load: &options,
                 pool: &pool,
-                config: &reference,
                 seed: args.seed,
-                work_dir: &dir,
+                dir: &dir,
+                shard: args.shard,
                 progress: true,
             };
+            let cost = stage.run(&job).with_context(|| format!("computing the {} in {}", stage.kind(), dir.display()))?;
+            let work = format!(
+                "{} forward tokens, {} training tokens, {:.1} s, in {}",
+                cost.forward_tokens,
+                cost.train_tokens,
+                cost.seconds,
+                dir.display()
+            );
             if let Some(shard) = args.shard {
-                let (steps, cost) = s2l::trajectories::compute_shard(&job, shard)
-                    .with_context(|| format!("computing shard {shard} of the S2L loss trajectories in {}", dir.display()))?;
-                println!(
-                    "trajectories shard {shard}: {} snapshots (steps {steps:?}), scoring {:.1} s, {} tokens; \
-                     run again without --shard on {} to merge and select",
-                    steps.len(),
-                    cost.score_seconds,
-                    cost.score_tokens,
-                    dir.display()
-                );
+                println!("{} shard {shard}: {work}; run again without --shard on the same folder to merge and select", stage.kind());
                 return Ok(());
             }
-            let t = s2l::trajectories::compute(&job)
-                .with_context(|| format!("computing S2L loss trajectories in {}", dir.display()))?;
-            println!(
-                "trajectories: {} snapshots (steps {:?}); reference training {:.1} s, {} tokens; scoring {:.1} s, {} tokens",
-                t.steps.len(),
-                t.steps,
-                t.cost.train_seconds,
-                t.cost.train_tokens,
-                t.cost.score_seconds,
-                t.cost.score_tokens
-            );
-            (None, Some(t))
+            println!("{}: {work}", stage.kind());
+            (None, Some(dir))
         }
     };
-    let input = SelectInput { pool: &pool, scores: scores.as_deref(), trajectories: trajectories.as_ref(), seed: args.seed };
+    let input = SelectInput { pool: &pool, scores: scores.as_deref(), stage: stage_dir.as_deref(), seed: args.seed };
     let selection = selector.select(&input)?;
     let out = &args.out;
     select::write(&selection, &pool, out).with_context(|| format!("writing the selection to {}", out.display()))?;

@@ -34,6 +34,58 @@ pub struct Experiment {
     /// Key path -> values; see [`Experiment::expand`].
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<Value>>,
+    /// What each kind of stage asks of a cluster (`--executor slurm`), by kind (`score`,
+    /// `trajectories`, `train`, `eval`, ...) or `default`. Never part of a stage key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<String, Resources>,
+}
+
+/// One kind of stage's share of a cluster: each field becomes an `sbatch` option.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub partition: Option<String>,
+    /// GPUs per job (`--gres=gpu:N`).
+    pub gpus: Option<u32>,
+    /// CPUs per job (`--cpus-per-task`).
+    pub cpus: Option<u32>,
+    /// Memory per job, as sbatch takes it (`64G`).
+    pub mem: Option<String>,
+    /// Wall-clock limit, as sbatch takes it (`4:00:00`, `1-00:00:00`).
+    pub time: Option<String>,
+    /// Further `#SBATCH` options, verbatim (`--account=lab`, `--constraint=h100`).
+    #[serde(default)]
+    pub sbatch: Vec<String>,
+    /// Split the stage into this many `--shard i/N` jobs (scoring, trajectories, evaluation).
+    pub shards: Option<usize>,
+}
+
+impl Resources {
+    /// These settings over `base` (the `default` entry): a field set here wins, sbatch lines
+    /// add up, and shards are this kind's own.
+    pub fn over(&self, base: &Resources) -> Resources {
+        Resources {
+            partition: self.partition.clone().or_else(|| base.partition.clone()),
+            gpus: self.gpus.or(base.gpus),
+            cpus: self.cpus.or(base.cpus),
+            mem: self.mem.clone().or_else(|| base.mem.clone()),
+            time: self.time.clone().or_else(|| base.time.clone()),
+            sbatch: base.sbatch.iter().chain(&self.sbatch).cloned().collect(),
+            shards: self.shards,
+        }
+    }
+
+    /// The `sbatch` options these settings become.
+    pub fn sbatch_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        args.extend(self.partition.as_ref().map(|p| format!("--partition={p}")));
+        args.extend(self.gpus.filter(|&g| g > 0).map(|g| format!("--gres=gpu:{g}")));
+        args.extend(self.cpus.map(|c| format!("--cpus-per-task={c}")));
+        args.extend(self.mem.as_ref().map(|m| format!("--mem={m}")));
+        args.extend(self.time.as_ref().map(|t| format!("--time={t}")));
+        args.extend(self.sbatch.iter().cloned());
+        args
+    }
 }
 
 /// A base model to fine-tune.
@@ -252,6 +304,14 @@ impl Experiment {
         }
         if let Some(name) = &self.scoring.template {
             name.parse::<crate::model::chat::BuiltinTemplate>().map_err(|e| at("template", format!("scoring.template: {e}")))?;
+        }
+        for (kind, r) in &self.resources {
+            if r.shards == Some(0) {
+                return Err(at(&format!("{kind}:"), format!("resources.{kind}.shards: expected at least 1")));
+            }
+            if let Some(line) = r.sbatch.iter().find(|l| !l.starts_with('-') || l.contains('\n')) {
+                return Err(at(line, format!("resources.{kind}.sbatch: `{line}`: expected one sbatch option such as --account=lab")));
+            }
         }
         if !["truncate", "skip"].contains(&self.scoring.overflow.as_str()) {
             return Err(at("overflow", format!("scoring.overflow `{}`: expected truncate or skip", self.scoring.overflow)));

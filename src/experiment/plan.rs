@@ -1,13 +1,11 @@
-//! `harness run --dry-run`: the stages an experiment needs, which of them are cached, and how
-//! much work the rest is (tokens, FLOPs and time at an assumed rate). Nothing is run; missing
+//! `harness run --dry-run`: the experiment's stage graph, which stages are cached, and how much
+//! work the rest is (tokens, FLOPs and time at an assumed rate). Nothing is run; missing
 //! pools, models and data are reported, not fatal, so a GPU experiment can be checked anywhere.
 
-use super::stage::Stage;
-use super::Experiment;
-use crate::model::{self, LoadedModel};
-use crate::pool::Pool;
-use crate::select::{self, Needs};
+use super::graph::{Graph, Node, VariantInputs, Work};
+use crate::model::LoadedModel;
 use crate::Result;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -25,20 +23,58 @@ impl std::fmt::Display for Plan {
 
 /// The plan of the experiment in `path` against what `runs_dir` already holds.
 pub fn plan(path: &Path, runs_dir: &Path) -> Result<Plan> {
-    let experiment = Experiment::load(path)?;
-    let variants = experiment.expand().map_err(|e| crate::Error::format(path, e))?;
-    let root = runs_dir.join(&experiment.name);
+    let graph = Graph::build(path, runs_dir)?;
+    let experiment = &graph.variants[0].experiment;
     let mut out = String::new();
-    let _ = writeln!(out, "experiment {} ({}): {} run(s), stages under {}", experiment.name, path.display(), variants.len(), root.display());
+    let _ = writeln!(
+        out,
+        "experiment {} ({}): {} run(s), stages under {}",
+        graph.name,
+        path.display(),
+        graph.variants.len(),
+        graph.root.display()
+    );
     if !experiment.description.is_empty() {
         let _ = writeln!(out, "  {}", experiment.description.trim());
     }
-    let mut total_flops = 0.0;
-    for variant in &variants {
+    let sizes: Vec<PoolSize> = graph.variants.iter().map(PoolSize::of).collect();
+    let to_run = graph.to_run();
+    for (v, variant) in graph.variants.iter().enumerate() {
         if !variant.label.is_empty() {
             let _ = writeln!(out, "run {}", variant.label);
         }
-        total_flops += plan_variant(&variant.experiment, &root, &mut out)?;
+        describe_inputs(variant, &sizes[v], &mut out);
+        // Each row as the chain of stages it reads, from its selection's inputs to its eval.
+        for row in graph.rows.iter().filter(|r| r.variant == v) {
+            let mut chain: Vec<usize> = row.select.map(|s| graph.nodes[s].reads.clone()).unwrap_or_default();
+            chain.extend(row.select.iter().chain(&row.train).copied());
+            chain.push(row.eval);
+            let steps: Vec<String> = chain.iter().map(|&at| step(&graph, &graph.nodes[at], to_run[at])).collect();
+            let name = row.selector.as_ref().map_or(row.label.clone(), |s| format!("{} ({s})", row.label));
+            let _ = writeln!(out, "    {} {name}: {}", variant.targets[row.target].name, steps.join(" -> "));
+        }
+    }
+    let mut total_flops = 0.0;
+    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut unfinished = 0;
+    for (node, &to_run) in graph.nodes.iter().zip(&to_run) {
+        *by_kind.entry(node.kind).or_default() += 1;
+        if to_run && !matches!(node.work, Work::Report) {
+            unfinished += 1;
+            total_flops += flops(&graph, node, &sizes[node.variant]);
+        }
+    }
+    let counts: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let _ = writeln!(out, "graph: {} stages ({}), {unfinished} to compute", graph.nodes.len(), counts.join(", "));
+    // What each kind asks of a cluster (`--executor slurm`), with `default` folded in.
+    let mut shown = Vec::new();
+    for node in graph.nodes.iter().filter(|n| !experiment.resources.is_empty() && n.variant == 0) {
+        if shown.contains(&node.kind) {
+            continue;
+        }
+        shown.push(node.kind);
+        let shards = if node.shards > 1 { format!(", in {} shards", node.shards) } else { String::new() };
+        let _ = writeln!(out, "  slurm {}: sbatch {}{shards}", node.kind, node.resources.sbatch_args().join(" "));
     }
     if total_flops > 0.0 {
         let _ = writeln!(
@@ -51,6 +87,135 @@ pub fn plan(path: &Path, runs_dir: &Path) -> Result<Plan> {
     Ok(Plan(out))
 }
 
+/// One stage in a row's chain: `kind/key cached|to run`, with its shards.
+fn step(graph: &Graph, node: &Node, to_run: bool) -> String {
+    let shards = if node.shards > 1 { format!(" in {} shards", node.shards) } else { String::new() };
+    let extra = match &node.work {
+        Work::Needed { stage, .. } => format!(" ({})", stage.plan(0.0, 0, 0.0).0),
+        _ => String::new(),
+    };
+    match node.stage(&graph.root) {
+        Some(stage) => {
+            let state = match (stage.is_done(), to_run) {
+                (true, _) => "cached",
+                (false, true) => "to run",
+                (false, false) => "not needed",
+            };
+            format!("{}/{}{extra} {state}{shards}", node.kind, &stage.key[..16])
+        }
+        None => format!("{}{extra} (inputs not here){shards}", node.kind),
+    }
+}
+
+/// The pool's size as the estimates need it, per target (tokens differ by tokenizer).
+struct PoolSize {
+    candidates: usize,
+    instructions: usize,
+    /// Per target: mean tokens of a candidate, FLOPs of one token forward.
+    per_target: Vec<(f64, f64)>,
+    /// Benchmark items and new tokens at most (one sample set).
+    items: usize,
+    new_tokens: usize,
+}
+
+impl PoolSize {
+    fn of(variant: &VariantInputs) -> PoolSize {
+        let exp = &variant.experiment;
+        let (candidates, instructions) = variant.pool.as_ref().map_or((0, 0), |p| (p.candidate_count(), p.instructions.len()));
+        let per_target = variant
+            .targets
+            .iter()
+            .map(|t| match (&t.inspected, &variant.pool) {
+                (Ok(m), Some(p)) => {
+                    let mean = mean_tokens(m, p);
+                    (mean, m.config.body_flops_per_token(mean as usize / 2) + m.config.head_flops())
+                }
+                (Ok(m), None) => (0.0, m.config.body_flops_per_token(256) + m.config.head_flops()),
+                (Err(_), _) => (0.0, 0.0),
+            })
+            .collect();
+        let limit = exp.evaluation.limit.unwrap_or(usize::MAX);
+        let (items, new_tokens) = match &variant.benches {
+            Ok(b) => b.iter().fold((0, 0), |(n, t), b| {
+                let items = limit.min(b.items.len());
+                let budget = exp.evaluation.max_new_tokens.unwrap_or(b.spec.generation.max_new_tokens);
+                (n + items, t + items * budget)
+            }),
+            Err(_) => (0, 0),
+        };
+        PoolSize { candidates, instructions, per_target, items, new_tokens }
+    }
+}
+
+fn describe_inputs(variant: &VariantInputs, size: &PoolSize, out: &mut String) {
+    let exp = &variant.experiment;
+    match &variant.pool {
+        Some(p) => {
+            let _ = writeln!(out, "  pool {}: {} instructions, {} candidates", variant.pool_path.display(), p.instructions.len(), p.candidate_count());
+        }
+        None => {
+            let how = exp.pool.upstream.as_deref().unwrap_or("see the experiment file");
+            let _ = writeln!(out, "  pool {}: NOT HERE ({how}); stage keys need it", exp.pool.path);
+        }
+    }
+    if let Err(e) = &variant.benches {
+        let _ = writeln!(out, "  benchmarks: {e}");
+    }
+    let _ = writeln!(
+        out,
+        "  benchmarks {}: {} items x {} sample(s), at most {} new tokens per sample set",
+        exp.evaluation.benchmarks.join(", "),
+        size.items,
+        exp.evaluation.samples,
+        size.new_tokens
+    );
+    for (t, target) in variant.targets.iter().enumerate() {
+        match &target.inspected {
+            Ok(m) => {
+                let mean = size.per_target[t].0;
+                let _ = writeln!(
+                    out,
+                    "  target {} = {}: {:.3}M parameters{}",
+                    target.name,
+                    target.model,
+                    m.config.parameter_count() as f64 / 1e6,
+                    if size.candidates > 0 { format!(", {mean:.0} tokens per candidate") } else { String::new() }
+                );
+            }
+            Err(e) => {
+                let spec = &exp.targets[t];
+                let upstream = spec.upstream.as_deref().map_or(String::new(), |u| format!(" (from {u})"));
+                let _ = writeln!(out, "  target {} = {}: NOT HERE{upstream}: {e}", target.name, spec.model);
+            }
+        }
+    }
+}
+
+/// Estimated FLOPs of a stage still to run (0 where the model is not known).
+fn flops(graph: &Graph, node: &Node, size: &PoolSize) -> f64 {
+    let exp = &graph.variants[node.variant].experiment;
+    let Some(t) = node.target() else { return 0.0 };
+    let (mean, per_token) = size.per_target[t];
+    match &node.work {
+        Work::Score { .. } => size.candidates as f64 * mean * per_token,
+        Work::Needed { stage, .. } => stage.plan(per_token, size.candidates, mean).1,
+        Work::Select { .. } | Work::Report => 0.0,
+        Work::Train { .. } => {
+            // One response per instruction, times k or factor where the selector has one.
+            let select = &graph.nodes[node.reads[0]];
+            let per_instruction = match select.work {
+                Work::Select { selector, .. } => ["k", "factor"]
+                    .iter()
+                    .find_map(|k| exp.selectors[selector].params_for(&exp.targets[t].name).get(*k).and_then(|v| v.parse::<f64>().ok()))
+                    .unwrap_or(1.0),
+                _ => 1.0,
+            };
+            3.0 * size.instructions as f64 * per_instruction * mean * exp.training.epochs.max(1) as f64 * per_token
+        }
+        Work::Eval { .. } => size.new_tokens as f64 * exp.evaluation.samples as f64 * per_token,
+    }
+}
+
 fn duration(seconds: f64) -> String {
     match seconds {
         s if s < 120.0 => format!("{s:.0} s"),
@@ -59,9 +224,8 @@ fn duration(seconds: f64) -> String {
     }
 }
 
-/// Average prompt + response tokens of the pool's candidates (from up to 2000 of them), and
-/// how many there are.
-fn pool_tokens(model: &LoadedModel, pool: &crate::pool::Pool) -> (f64, usize) {
+/// Average prompt + response tokens of the pool's candidates (from up to 2000 of them).
+fn mean_tokens(model: &LoadedModel, pool: &crate::pool::Pool) -> f64 {
     let pairs: Vec<(&str, &str)> = pool
         .instructions
         .iter()
@@ -70,141 +234,5 @@ fn pool_tokens(model: &LoadedModel, pool: &crate::pool::Pool) -> (f64, usize) {
     let step = pairs.len().div_ceil(2000).max(1);
     let lengths: Vec<usize> =
         pairs.iter().step_by(step).filter_map(|(p, r)| model.encode_pair(p, r).ok()).map(|e| e.ids.len()).collect();
-    let mean = lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64;
-    (mean, pairs.len())
-}
-
-/// Writes one run's plan; returns the FLOPs of its stages still to run (where known).
-fn plan_variant(exp: &Experiment, root: &Path, out: &mut String) -> Result<f64> {
-    let pool_path = super::pool_path(exp);
-    let pool = if pool_path.exists() { Some(super::read_pool(exp, &pool_path)?) } else { None };
-    match &pool {
-        Some(p) => {
-            let _ = writeln!(out, "  pool {}: {} instructions, {} candidates", pool_path.display(), p.instructions.len(), p.candidate_count());
-        }
-        None => {
-            let how = exp.pool.upstream.as_deref().unwrap_or("see the experiment file");
-            let _ = writeln!(out, "  pool {}: NOT HERE ({how}); stage keys need it", exp.pool.path);
-        }
-    }
-    let pool_key = pool.as_ref().map(Pool::digest);
-    let data_dir = crate::pool::data_dir().join("eval");
-    let benches = crate::eval::load_benchmarks(&exp.evaluation.benchmarks, &crate::eval::benchmark::eval_dir(), &data_dir);
-    let limit = exp.evaluation.limit.unwrap_or(usize::MAX);
-    // (items, new tokens at most) over the benchmarks, each with its own budget unless overridden.
-    let (items, new_tokens) = match &benches {
-        Ok(b) => b.iter().fold((0, 0), |(n, t), b| {
-            let items = limit.min(b.items.len());
-            let budget = exp.evaluation.max_new_tokens.unwrap_or(b.spec.generation.max_new_tokens);
-            (n + items, t + items * budget)
-        }),
-        Err(e) => {
-            let _ = writeln!(out, "  benchmarks: {e}");
-            (0, 0)
-        }
-    };
-    let bench_key = benches.as_ref().ok().map(|b| super::bench_key(b)).transpose()?;
-    let _ = writeln!(
-        out,
-        "  benchmarks {}: {items} items x {} sample(s), at most {new_tokens} new tokens per sample set",
-        exp.evaluation.benchmarks.join(", "),
-        exp.evaluation.samples
-    );
-    let mut flops = 0.0;
-    for target in &exp.targets {
-        let model_ref = super::model_ref(target);
-        let model = model::inspect_fingerprinted(&model_ref, target.template.as_deref());
-        let (fingerprint, per_token, mean_tokens, candidates) = match (&model, &pool) {
-            (Ok(m), Some(p)) => {
-                let (mean, n) = pool_tokens(m, p);
-                (m.fingerprint().ok(), m.config.body_flops_per_token(mean as usize / 2) + m.config.head_flops(), mean, n)
-            }
-            (Ok(m), None) => (m.fingerprint().ok(), m.config.body_flops_per_token(256) + m.config.head_flops(), 0.0, 0),
-            (Err(_), _) => (None, 0.0, 0.0, 0),
-        };
-        match &model {
-            Ok(m) => {
-                let _ = writeln!(
-                    out,
-                    "  target {} = {model_ref}: {:.3}M parameters{}",
-                    target.name,
-                    m.config.parameter_count() as f64 / 1e6,
-                    if candidates > 0 { format!(", {mean_tokens:.0} tokens per candidate") } else { String::new() }
-                );
-            }
-            Err(e) => {
-                let upstream = target.upstream.as_deref().map_or(String::new(), |u| format!(" (from {u})"));
-                let _ = writeln!(out, "  target {} = {}: NOT HERE{upstream}: {e}", target.name, target.model);
-            }
-        }
-        let keys = fingerprint.as_deref().zip(pool_key.as_deref());
-        let status = |kind: &'static str, inputs: Option<serde_json::Value>| -> (String, bool) {
-            match inputs {
-                Some(i) => {
-                    let stage = Stage::new(root, kind, &i);
-                    let done = stage.is_done();
-                    (format!("{kind}/{} {}", &stage.key[..16], if done { "cached" } else { "to run" }), done)
-                }
-                None => (format!("{kind} (inputs not here)"), false),
-            }
-        };
-        let eval_flops = new_tokens as f64 * exp.evaluation.samples as f64 * per_token;
-        if exp.evaluation.base {
-            let inputs = fingerprint.as_deref().zip(bench_key.as_ref()).map(|(f, b)| super::eval_inputs(exp, f, b));
-            let (line, done) = status("eval", inputs);
-            let _ = writeln!(out, "    Base: {line}");
-            flops += if done { 0.0 } else { eval_flops };
-        }
-        let mut scored = false;
-        for spec in &exp.selectors {
-            let selector = select::build(&spec.name, &spec.params_for(&target.name))?;
-            let needs = super::needs_for(selector.as_ref(), target);
-            let mut steps = Vec::new();
-            if needs == Needs::Scores {
-                let (line, done) = status("score", keys.map(|(f, p)| super::score_inputs(exp, f, p)));
-                if !done && !scored {
-                    flops += candidates as f64 * mean_tokens * per_token;
-                }
-                scored = true;
-                steps.push(line);
-            }
-            let select = keys.map(|(f, p)| super::select_inputs(exp, spec, &target.name, selector.as_ref(), &needs, f, p));
-            let select_key = select.as_ref().map(Stage::key_of);
-            let (select_line, selected) = status("select", select);
-            if let Needs::Trajectories(reference) = &needs {
-                let snapshots = reference.checkpoints as f64;
-                steps.push(format!(
-                    "trajectories ({:.0}% of pairs x {} epochs, {} snapshots)",
-                    100.0 * reference.subset,
-                    reference.epochs,
-                    reference.checkpoints
-                ));
-                if !selected {
-                    let train = reference.subset * candidates as f64 * mean_tokens * reference.epochs as f64 * 3.0;
-                    flops += (train + snapshots * candidates as f64 * mean_tokens) * per_token;
-                }
-            }
-            steps.push(select_line);
-            let train = fingerprint.as_deref().zip(select_key.as_deref()).map(|(f, s)| super::train_inputs(exp, f, s));
-            let train_key = train.as_ref().map(Stage::key_of);
-            let (line, done) = status("train", train);
-            steps.push(line);
-            if !done {
-                // One response per instruction, times k or factor where the selector has one.
-                let per_instruction = ["k", "factor"]
-                    .iter()
-                    .find_map(|k| spec.params_for(&target.name).get(*k).and_then(|v| v.parse::<f64>().ok()))
-                    .unwrap_or(1.0);
-                let examples = pool.as_ref().map_or(0, |p| p.instructions.len()) as f64 * per_instruction;
-                let epochs = exp.training.epochs.max(1) as f64;
-                flops += 3.0 * examples * mean_tokens * epochs * per_token;
-            }
-            let eval = train_key.zip(bench_key.as_ref()).map(|(t, b)| super::eval_inputs(exp, &t, b));
-            let (line, done) = status("eval", eval);
-            steps.push(line);
-            flops += if done { 0.0 } else { eval_flops };
-            let _ = writeln!(out, "    {} ({}): {}", spec.label_for(&target.name), spec.name, steps.join(" -> "));
-        }
-    }
-    Ok(flops)
+    lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64
 }

@@ -3,6 +3,7 @@
 //! its own code can) and is finished when its `DONE` file exists, written last and atomically:
 //! a finished stage is never redone, and changing one input reruns only what depends on it.
 
+use crate::shard::Shard;
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 const DONE: &str = "DONE";
 const INPUTS: &str = "inputs.json";
+const FAILED: &str = "FAILED";
 /// Every stage each invocation reused or computed, one JSON line each, under the experiment.
 pub const EVENTS: &str = "stages.jsonl";
 
@@ -26,9 +28,12 @@ pub struct Stage {
 impl Stage {
     /// The stage of `kind` for these `inputs` under the experiment folder `root`.
     pub fn new(root: &Path, kind: &'static str, inputs: &impl Serialize) -> Self {
-        let key = Self::key_of(inputs);
+        Self::with_key(root, kind, &Self::key_of(inputs))
+    }
+
+    pub fn with_key(root: &Path, kind: &'static str, key: &str) -> Self {
         let dir = root.join(kind).join(&key[..16]);
-        Stage { kind, key, dir, root: root.to_path_buf() }
+        Stage { kind, key: key.to_string(), dir, root: root.to_path_buf() }
     }
 
     pub fn key_of(inputs: &impl Serialize) -> String {
@@ -85,6 +90,58 @@ impl Stage {
         let summary = compute()?;
         self.finish(&summary, started.elapsed().as_secs_f64())?;
         Ok(Some(summary))
+    }
+
+    /// Where the `--shard i/N` parts of a split stage work.
+    pub fn shards_dir(&self) -> PathBuf {
+        self.dir.join("shards")
+    }
+
+    fn shard_marker(&self, shard: Shard) -> PathBuf {
+        self.shards_dir().join(format!("DONE-{}-of-{}", shard.index, shard.count))
+    }
+
+    /// Whether part `shard` finished; its summary then.
+    pub fn shard_summary<T: DeserializeOwned>(&self, shard: Shard) -> Option<T> {
+        let text = std::fs::read_to_string(self.shard_marker(shard)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Marks part `shard` finished (written last, like `DONE`).
+    pub fn finish_shard(&self, shard: Shard, summary: &impl Serialize, seconds: f64) -> Result<()> {
+        let path = self.shard_marker(shard);
+        std::fs::create_dir_all(self.shards_dir()).map_err(|e| Error::io(&self.dir, e))?;
+        let aside = path.with_extension("tmp");
+        let json = serde_json::to_string_pretty(summary).expect("plain data serialises");
+        std::fs::write(&aside, json).map_err(|e| Error::io(&aside, e))?;
+        std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, e))?;
+        self.log(&format!("computed shard {shard}"), seconds)
+    }
+
+    /// Keeps the error a run of the stage (or of its part `shard`) ended with, for `harness
+    /// status`.
+    pub fn record_failure(&self, shard: Option<Shard>, error: &str) {
+        let path = self.failure_path(shard);
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::write(path, format!("{error}\n"));
+    }
+
+    /// The error the last run (of part `shard`) ended with, unless one started since.
+    pub fn failure(&self, shard: Option<Shard>) -> Option<String> {
+        std::fs::read_to_string(self.failure_path(shard)).ok().map(|s| s.trim().to_string())
+    }
+
+    pub fn clear_failure(&self, shard: Option<Shard>) {
+        let _ = std::fs::remove_file(self.failure_path(shard));
+    }
+
+    fn failure_path(&self, shard: Option<Shard>) -> PathBuf {
+        match shard {
+            Some(s) => self.shards_dir().join(format!("FAILED-{}-of-{}", s.index, s.count)),
+            None => self.dir.join(FAILED),
+        }
     }
 
     /// Records that a finished stage was used as it is.

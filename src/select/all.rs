@@ -27,7 +27,7 @@ impl Selector for All {
                     instruction: i,
                     candidate: j,
                     score: None,
-                    cluster: None,
+                    detail: None,
                     why: "every response is kept".into(),
                 })
             })

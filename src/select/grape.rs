@@ -120,7 +120,7 @@ impl Selector for Ranked {
                     instruction: i,
                     candidate: j,
                     score: Some(value),
-                    cluster: None,
+                    detail: None,
                     why: format!(
                         "{} {} log-prob {value:.4}, rank {} of {total}",
                         if self.highest { "highest" } else { "lowest" },

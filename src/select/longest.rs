@@ -32,7 +32,7 @@ impl Selector for Longest {
                     instruction: i,
                     candidate: j,
                     score: Some(length(j) as f64),
-                    cluster: None,
+                    detail: None,
                     why: format!("{} characters, rank {} of {} by length", length(j), picks.len() % self.k + 1, order.len()),
                 });
             }

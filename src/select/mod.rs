@@ -11,33 +11,90 @@ mod random;
 pub mod s2l;
 mod strongest;
 
+use crate::model::LoadOptions;
 use crate::pool::Pool;
 use crate::score::Score;
+use crate::shard::Shard;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 /// What a selector sees: the pool, the scores (`scores[i][j]` for candidate `j` of
-/// instruction `i`, `None` if unscored) or the loss trajectories when it needs them, and
-/// the seed.
+/// instruction `i`, `None` if unscored) when it needs them, the folder of the stage of its
+/// own it needs ([`Needs::Stage`]), and the seed.
 pub struct SelectInput<'a> {
     pub pool: &'a Pool,
     pub scores: Option<&'a [Vec<Option<Score>>]>,
-    pub trajectories: Option<&'a s2l::Trajectories>,
+    pub stage: Option<&'a Path>,
     pub seed: u64,
 }
 
 /// What a selector reads beyond the pool, so callers compute only that.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub enum Needs {
     Nothing,
     /// The target model's scores of every candidate.
     Scores,
-    /// Loss trajectories of a reference model trained as configured.
-    Trajectories(s2l::ReferenceConfig),
+    /// A stage of the selector's own, computed before it selects.
+    Stage(Arc<dyn InputStage>),
+}
+
+/// Work a selector needs done before it selects (S2L's loss trajectories): a stage of the
+/// experiment like scoring, computed once per target, pool, seed and settings into a folder
+/// of its own, which the selector then reads through [`SelectInput::stage`]. A selector that
+/// needs new inputs brings its own `InputStage`; the runner and the CLI run any of them.
+pub trait InputStage: Send + Sync {
+    /// Names the stage's folder under the experiment and its `resources:` entry.
+    fn kind(&self) -> &'static str;
+    /// What its output depends on beside the pool and the seed, resolved for one target.
+    /// Selection keys record it too, so a change reselects.
+    fn key_inputs(&self, target: &StageTarget) -> serde_json::Value;
+    /// Whether it runs as `--shard i/N` parts, which a run without a shard then merges.
+    fn shardable(&self) -> bool {
+        false
+    }
+    /// Computes the stage (or its shard) into `job.dir`, resuming what is there.
+    fn run(&self, job: &StageJob) -> Result<SelectionCost>;
+    /// One line for a dry run, and the FLOPs of the whole stage given the FLOPs of one token
+    /// forward, the pool's candidates and their mean length in tokens.
+    fn plan(&self, flops_per_token: f64, candidates: usize, mean_tokens: f64) -> (String, f64);
+}
+
+/// The target an [`InputStage`] works for.
+#[derive(Debug, Clone, Copy)]
+pub struct StageTarget<'a> {
+    /// What the loader takes: a built-in name or a path.
+    pub model: &'a str,
+    pub fingerprint: &'a str,
+    /// The smaller model of its family the experiment names for it, if any (resolved).
+    pub reference: Option<&'a str>,
+}
+
+/// One run of an [`InputStage`].
+pub struct StageJob<'a> {
+    pub target: StageTarget<'a>,
+    pub load: &'a LoadOptions,
+    pub pool: &'a Pool,
+    pub seed: u64,
+    /// The stage's folder: everything it writes goes here.
+    pub dir: &'a Path,
+    /// Only this part (merged by a later run without one).
+    pub shard: Option<Shard>,
+    pub progress: bool,
+}
+
+/// What computing a selection's inputs cost: GRAPE's scoring pass, S2L's trajectories.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SelectionCost {
+    /// Forward-only work: scoring, and S2L's per-snapshot losses.
+    pub forward_tokens: usize,
+    /// Training of a reference model (forward and backward).
+    pub train_tokens: usize,
+    pub seconds: f64,
 }
 
 impl SelectInput<'_> {
@@ -62,8 +119,8 @@ pub struct Pick {
     pub candidate: usize,
     /// The score the choice was made on, when there was one.
     pub score: Option<f64>,
-    /// The cluster it was drawn from (s2l).
-    pub cluster: Option<usize>,
+    /// Anything else about the choice, kept in the manifest (s2l: its cluster).
+    pub detail: Option<serde_json::Value>,
     pub why: String,
 }
 
@@ -161,9 +218,9 @@ impl Among {
 /// `key=value` parameters from the command line or an experiment file.
 pub type Params = BTreeMap<String, String>;
 
-type Build = fn(&Params) -> Result<Box<dyn Selector>>;
+pub type Build = fn(&Params) -> Result<Box<dyn Selector>>;
 
-/// Every selector, by name, with a one-line description.
+/// Every built-in selector, by name, with a one-line description.
 pub const REGISTRY: &[(&str, &str, Build)] = &[
     ("grape", "the highest-scoring k responses per instruction (normalize: mean | sum | bytes; only: sources)", grape::build_highest),
     ("lowest", "the lowest-scoring k responses per instruction (the paper's \"Worst\")", grape::build_lowest),
@@ -175,9 +232,25 @@ pub const REGISTRY: &[(&str, &str, Build)] = &[
     ("all", "every response of every instruction (the paper's \"All Responses\")", all::build),
 ];
 
+/// Selectors a program built on this library added with [`register`].
+static ADDED: RwLock<Vec<(&'static str, &'static str, Build)>> = RwLock::new(Vec::new());
+
+/// Adds a selector under `name` for this process: experiments and [`build`] find it like the
+/// built-in ones (a research fork's selector, or a test's).
+pub fn register(name: &'static str, description: &'static str, build: Build) {
+    ADDED.write().unwrap_or_else(|e| e.into_inner()).push((name, description, build));
+}
+
+/// Every selector this process knows: the built-in ones, then the registered ones.
+pub fn registered() -> Vec<(&'static str, &'static str, Build)> {
+    let added = ADDED.read().unwrap_or_else(|e| e.into_inner());
+    REGISTRY.iter().copied().chain(added.iter().copied()).collect()
+}
+
 pub fn build(name: &str, params: &Params) -> Result<Box<dyn Selector>> {
-    let (_, _, build) = REGISTRY.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
-        let known: Vec<&str> = REGISTRY.iter().map(|(n, _, _)| *n).collect();
+    let all = registered();
+    let (_, _, build) = all.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+        let known: Vec<&str> = all.iter().map(|(n, _, _)| *n).collect();
         Error::Invalid(format!("unknown selector `{name}` (registered: {})", known.join(", ")))
     })?;
     build(params)
@@ -229,7 +302,7 @@ struct ManifestRow<'a> {
     source: Cow<'a, str>,
     score: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    cluster: Option<usize>,
+    detail: Option<serde_json::Value>,
     #[serde(borrow)]
     selector: Cow<'a, str>,
     #[serde(borrow)]
@@ -264,7 +337,7 @@ pub fn write(selection: &Selection, pool: &Pool, dir: &Path) -> Result<()> {
             candidate: pick.candidate,
             source: Cow::Borrowed(&candidate.source),
             score: pick.score,
-            cluster: pick.cluster,
+            detail: pick.detail.clone(),
             selector: Cow::Borrowed(&selection.selector),
             why: Cow::Borrowed(&pick.why),
         };

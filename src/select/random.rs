@@ -47,7 +47,7 @@ impl Selector for Random {
                     instruction: i,
                     candidate: j,
                     score,
-                    cluster: None,
+                    detail: None,
                     why: format!("uniform draw {} of {} (seed {})", order.iter().position(|&o| o == j).unwrap_or(0) + 1, n, input.seed),
                 });
             }

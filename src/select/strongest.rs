@@ -63,13 +63,13 @@ impl Selector for Strongest {
                     instruction: i,
                     candidate: j,
                     score: score(j),
-                    cluster: None,
+                    detail: None,
                     why: format!("written by {}", self.source),
                 })),
                 None if self.fill_random => {
                     let j = rng.below(instruction.candidates.len());
                     flagged.push(format!("instruction `{}`: no {} response, filled at random", instruction.id, self.source));
-                    picks.push(Pick { instruction: i, candidate: j, score: score(j), cluster: None, why: format!("no {} response; uniform fill", self.source) });
+                    picks.push(Pick { instruction: i, candidate: j, score: score(j), detail: None, why: format!("no {} response; uniform fill", self.source) });
                 }
                 None => flagged.push(format!("instruction `{}`: no {} response, dropped", instruction.id, self.source)),
             }

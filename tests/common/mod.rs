@@ -62,3 +62,70 @@ pub fn story_groups() -> Vec<grape_harness::score::Group> {
     ]
 }
 
+
+/// 6 story-like instructions with 3 candidates each, in `dir`.
+pub fn tiny_pool(dir: &Path) -> std::path::PathBuf {
+    let prompts = ["Tell me about a cat.", "Who is Lily?", "Say hi.", "What did Tom find?", "Where is the ball?", "Why was Sue sad?"];
+    let responses = [
+        "The cat sat on the mat and was happy.",
+        "Lily is a little girl who likes to play in the park.",
+        "Once upon a time there was a big tree.",
+        "He found a shiny red ball under the bed.",
+        "It is in the garden next to the dog.",
+        "She lost her toy and cried.",
+        "The sun was warm and the birds sang.",
+    ];
+    let mut text = String::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for (j, source) in ["alpha", "beta", "gamma"].iter().enumerate() {
+            let response = responses[(i + j * 3) % responses.len()];
+            let row = serde_json::json!({"instruction_id": i, "prompt": prompt, "response": response, "source": source});
+            text += &format!("{row}\n");
+        }
+    }
+    let path = dir.join("pool.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The table without timings, which differ between runs.
+pub fn comparable_results(path: &Path) -> serde_json::Value {
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for row in json["rows"].as_array_mut().unwrap() {
+        for key in ["seconds", "tokens_per_second"] {
+            if let Some(train) = row["train"].as_object_mut() {
+                train.remove(key);
+            }
+        }
+        row.as_object_mut().unwrap().remove("selection_cost");
+        row.as_object_mut().unwrap().remove("train_log");
+    }
+    json
+}
+
+
+/// The keys of the stages of `kind` a dry run names, sorted.
+pub fn plan_keys(plan: &str, kind: &str) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for word in plan.split_whitespace() {
+        if let Some(key) = word.strip_prefix(&format!("{kind}/")) {
+            if key.len() == 16 && !keys.iter().any(|k| k == key) {
+                keys.push(key.to_string());
+            }
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// The stage folders of `kind` under an experiment's runs folder, sorted.
+pub fn stage_folders(root: &Path, kind: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(kind))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}

@@ -1,8 +1,8 @@
 //! `s2l` (SmallToLarge; Yang et al., 2024): candidates whose losses moved alike while a
 //! reference model trained are alike as data. Cluster the loss trajectories with k-means and
 //! sample the budget evenly from the clusters, so rare kinds of example are not drowned out.
-//! The trajectories come from [`trajectories::compute`]; the caller runs it when
-//! [`Selector::needs`] asks.
+//! The trajectories are a stage of their own ([`trajectories::TrajectoriesStage`]), which
+//! [`Selector::needs`] hands the caller to run before selecting.
 
 pub mod trajectories;
 
@@ -15,7 +15,8 @@ use linfa_clustering::KMeans;
 use ndarray::Array2;
 use rand_xoshiro::rand_core::SeedableRng;
 use rand_xoshiro::Xoshiro256Plus;
-pub use trajectories::{ReferenceConfig, Trajectories};
+use std::sync::Arc;
+pub use trajectories::{ReferenceConfig, Trajectories, TrajectoriesStage};
 
 /// Whether an instruction may give more than one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,14 +101,15 @@ impl Selector for S2l {
     }
 
     fn needs(&self) -> Needs {
-        Needs::Trajectories(self.reference.clone())
+        Needs::Stage(Arc::new(TrajectoriesStage { reference: self.reference.clone() }))
     }
 
     fn select(&self, input: &SelectInput) -> Result<Selection> {
-        let t = input
-            .trajectories
+        let dir = input
+            .stage
             .ok_or_else(|| Error::Invalid("selector `s2l` needs loss trajectories; compute them first".into()))?;
         let pool = input.pool;
+        let t = &trajectories::read(dir, pool)?;
         let mut members = Vec::new();
         let mut features = Vec::new();
         for (i, per_candidate) in t.losses.iter().enumerate() {
@@ -159,7 +161,7 @@ impl Selector for S2l {
                 instruction: members[m].0,
                 candidate: members[m].1,
                 score: None,
-                cluster: Some(c),
+                detail: Some(serde_json::json!({"cluster": c})),
                 why: format!("cluster {c} of {}: {} of its {} candidates taken", self.clustering.k, taken[c], sizes[c]),
             })
             .collect();

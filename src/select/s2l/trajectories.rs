@@ -7,11 +7,12 @@
 //! each snapshot's losses live in their own score store, and a finished
 //! `trajectories.parquet` is read back instead of recomputed.
 
-use crate::model::{self, LoadOptions, LoadedModel};
+use crate::model::{self, LoadedModel};
 use crate::pool::Pool;
 use crate::score::shard::{Shard, ShardRecord};
 use crate::score::{self, Group, Score, ScoreOptions, ScoreStore};
-use crate::train::{self, checkpoint, data::SftData, TrainConfig, Trainable};
+use crate::select::{InputStage, SelectionCost, StageJob, StageTarget};
+use crate::train::{self, checkpoint, Examples, Prepared, TrainConfig};
 use crate::util::Rng;
 use crate::{Error, Result};
 use polars::prelude::*;
@@ -77,32 +78,77 @@ pub struct Trajectories {
 const TABLE: &str = "trajectories.parquet";
 const COST: &str = "cost.json";
 
-/// What trajectories are computed for and where.
-#[derive(Debug, Clone, Copy)]
-pub struct Job<'a> {
-    /// The target model (the reference too, unless `config.model` names one).
-    pub target: &'a str,
-    pub load: &'a LoadOptions,
-    pub pool: &'a Pool,
-    pub config: &'a ReferenceConfig,
-    pub seed: u64,
-    /// The trajectories live in a folder below it named by all they depend on.
-    pub work_dir: &'a Path,
-    pub progress: bool,
+/// The trajectories as a stage of the experiment, sharded like scoring: each shard trains
+/// (or waits for) the one reference run and scores its instructions at every snapshot; the
+/// run without a shard merges the parts and writes `trajectories.parquet`.
+pub struct TrajectoriesStage {
+    pub reference: ReferenceConfig,
 }
 
-/// The trajectories of every candidate of the pool, computed under the work folder or read
-/// from it. Losses that shards ([`compute_shard`]) left in the same folder are merged and
-/// reused.
-pub fn compute(job: &Job) -> Result<Trajectories> {
+impl TrajectoriesStage {
+    /// The reference as it runs for `target`: the selector's own model, else the target's
+    /// `reference`, else the target itself.
+    fn resolved(&self, target: &StageTarget) -> ReferenceConfig {
+        let mut reference = self.reference.clone();
+        if reference.model.is_none() {
+            reference.model = target.reference.map(str::to_string);
+        }
+        reference
+    }
+}
+
+impl InputStage for TrajectoriesStage {
+    fn kind(&self) -> &'static str {
+        "trajectories"
+    }
+
+    fn key_inputs(&self, target: &StageTarget) -> serde_json::Value {
+        // As selection keys first recorded it, so those selections are still found.
+        serde_json::json!({"target": target.fingerprint, "reference": format!("{:?}", self.resolved(target))})
+    }
+
+    fn shardable(&self) -> bool {
+        true
+    }
+
+    fn run(&self, job: &StageJob) -> Result<SelectionCost> {
+        let config = self.resolved(&job.target);
+        let cost = match job.shard {
+            Some(shard) => compute_shard(job, &config, shard)?.1,
+            None => compute(job, &config)?.cost,
+        };
+        Ok(SelectionCost {
+            forward_tokens: cost.score_tokens,
+            train_tokens: cost.train_tokens,
+            seconds: cost.train_seconds + cost.score_seconds,
+        })
+    }
+
+    fn plan(&self, flops_per_token: f64, candidates: usize, mean_tokens: f64) -> (String, f64) {
+        let r = &self.reference;
+        let line = format!("{:.0}% of pairs x {} epochs, {} snapshots", 100.0 * r.subset, r.epochs, r.checkpoints);
+        let pair_tokens = candidates as f64 * mean_tokens;
+        let train = r.subset * pair_tokens * r.epochs as f64 * 3.0;
+        (line, (train + r.checkpoints as f64 * pair_tokens) * flops_per_token)
+    }
+}
+
+/// The trajectories a finished stage left in `dir`, for this same pool.
+pub fn read(dir: &Path, pool: &Pool) -> Result<Trajectories> {
+    let cost = read_cost(&dir.join(COST))?;
+    read_table(&dir.join(TABLE), pool, cost)
+}
+
+/// The trajectories of every candidate of the pool, computed in `job.dir` or read from it.
+/// Losses that shards ([`compute_shard`]) left in the same folder are merged and reused.
+pub fn compute(job: &StageJob, config: &ReferenceConfig) -> Result<Trajectories> {
     let (pool, progress) = (job.pool, job.progress);
-    let reference = Reference::prepare(job)?;
+    if job.dir.join(TABLE).exists() {
+        return read(job.dir, pool);
+    }
+    let reference = Reference::prepare(job, config)?;
     let dir = &reference.dir;
     let table = dir.join(TABLE);
-    if table.exists() {
-        let cost = read_cost(&dir.join(COST))?;
-        return read_table(&table, pool, cost);
-    }
     let mut cost = reference.cost.clone();
     let mut merged_shards = false;
     for (step, _) in &reference.snapshots {
@@ -122,7 +168,7 @@ pub fn compute(job: &Job) -> Result<Trajectories> {
     let started = Instant::now();
     let columns = reference.score_snapshots(&pool.groups(), progress, |step| losses_path(dir, step, None))?;
     cost.score_tokens += columns.iter().flatten().flatten().flatten().map(|s| s.n_tokens).sum::<usize>();
-    cost.score_tokens += prompt_tokens(&reference.model, pool)? * columns.len();
+    cost.score_tokens += score::prompt_tokens(&reference.model, pool)? * columns.len();
     cost.score_seconds += started.elapsed().as_secs_f64();
 
     let steps: Vec<usize> = reference.snapshots.iter().map(|(s, _)| *s).collect();
@@ -152,16 +198,16 @@ pub fn compute(job: &Job) -> Result<Trajectories> {
 /// this shard's instructions at every snapshot, each snapshot's into a shard store. A later
 /// [`compute`] on the same folder merges the parts (refusing a missing or doubled shard)
 /// and scores nothing again. Returns the snapshot steps and this shard's cost.
-pub fn compute_shard(job: &Job, shard: Shard) -> Result<(Vec<usize>, Cost)> {
+pub fn compute_shard(job: &StageJob, config: &ReferenceConfig, shard: Shard) -> Result<(Vec<usize>, Cost)> {
     let (pool, progress) = (job.pool, job.progress);
-    let reference = Reference::prepare(job)?;
+    let reference = Reference::prepare(job, config)?;
     let dir = &reference.dir;
     let part = shard.of(pool);
     let started = Instant::now();
     let columns = reference.score_snapshots(&part.groups(), progress, |step| losses_path(dir, step, Some(shard)))?;
     let mut cost = Cost {
         score_tokens: columns.iter().flatten().flatten().flatten().map(|s| s.n_tokens).sum::<usize>()
-            + prompt_tokens(&reference.model, &part)? * columns.len(),
+            + score::prompt_tokens(&reference.model, &part)? * columns.len(),
         ..reference.cost.clone()
     };
     cost.score_seconds = started.elapsed().as_secs_f64();
@@ -184,7 +230,6 @@ struct Reference {
     model: LoadedModel,
     vars: VarMap,
     base_fingerprint: String,
-    /// Named by the hash of everything the trajectories depend on.
     dir: PathBuf,
     /// (step, weights file), ascending.
     snapshots: Vec<(usize, PathBuf)>,
@@ -194,48 +239,12 @@ struct Reference {
 }
 
 impl Reference {
-    fn prepare(job: &Job) -> Result<Self> {
-        let Job { target, load, pool, config, seed, work_dir, progress } = *job;
+    /// Loads the reference with its training pairs (a seeded share of all the pool's pairs)
+    /// and trains it, unless its run in `job.dir` is already finished.
+    fn prepare(job: &StageJob, config: &ReferenceConfig) -> Result<Self> {
         validate(config)?;
+        let (pool, seed, target) = (job.pool, job.seed, job.target.model);
         let reference_name = config.model.as_deref().unwrap_or(target);
-        let (reference, vars) = model::load_trainable(reference_name, load)?;
-        if config.model.is_some() {
-            let target_model = model::inspect(target, load.template.as_deref())?;
-            same_tokenizer_family(&target_model, &reference, target, reference_name)?;
-        }
-        let base_fingerprint = reference.fingerprint()?;
-        let pool_digest: String = pool
-            .instructions
-            .iter()
-            .flat_map(|i| i.candidates.iter().map(|c| score::pair_hash(&i.prompt, &c.response)))
-            .collect();
-        let key = crate::util::sha256_bytes(format!("{base_fingerprint}\0{config:?}\0{seed}\0{pool_digest}").as_bytes());
-        let dir = work_dir.join(&key[..16]);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut this = Self {
-            model: reference,
-            vars,
-            base_fingerprint,
-            dir,
-            snapshots: Vec::new(),
-            cost: Cost::default(),
-            max_len: config.max_len,
-        };
-        if !this.dir.join(TABLE).exists() {
-            let lock_path = this.dir.join("reference.lock");
-            let _lock = crate::util::lock_file(&lock_path, true).map_err(|e| Error::io(&lock_path, e))?;
-            this.train(reference_name, pool, config, seed, progress)?;
-            this.snapshots = checkpoint::snapshots(&this.dir.join("reference"))?;
-            if this.snapshots.is_empty() {
-                return Err(Error::Invalid(format!("S2L: the reference run in {} left no snapshots", this.dir.display())));
-            }
-        }
-        Ok(this)
-    }
-
-    /// Trains the reference on a seeded share of all (instruction, candidate) pairs, unless
-    /// its run is already finished.
-    fn train(&mut self, reference_name: &str, pool: &Pool, config: &ReferenceConfig, seed: u64, progress: bool) -> Result<()> {
         let mut pairs: Vec<(usize, usize)> = pool
             .instructions
             .iter()
@@ -243,42 +252,43 @@ impl Reference {
             .flat_map(|(i, ins)| (0..ins.candidates.len()).map(move |j| (i, j)))
             .collect();
         Rng::new(seed).shuffle(&mut pairs);
-        let take = ((config.subset * pairs.len() as f64).ceil() as usize).clamp(1, pairs.len());
-        let mut data = SftData::default();
-        for &(i, j) in &pairs[..take] {
-            let ins = &pool.instructions[i];
-            data.push(&self.model, &ins.prompt, &ins.candidates[j].response, config.max_len)
-                .map_err(|e| Error::Invalid(format!("S2L reference data, instruction `{}` candidate {j}: {e}", ins.id)))?;
+        let take = ((config.subset * pairs.len() as f64).ceil() as usize).clamp(1, pairs.len().max(1)).min(pairs.len());
+        let examples = pairs[..take]
+            .iter()
+            .map(|&(i, j)| {
+                let ins = &pool.instructions[i];
+                let name = format!("S2L reference data, instruction `{}` candidate {j}", ins.id);
+                (name, ins.prompt.as_str(), ins.candidates[j].response.as_str())
+            })
+            .collect();
+        let prepared = Prepared::load(reference_name, job.load, Examples::Pairs(examples), config.max_len)?;
+        if config.model.is_some() {
+            let target_model = model::inspect(target, job.load.template.as_deref())?;
+            same_tokenizer_family(&target_model, &prepared.model, target, reference_name)?;
         }
-        let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
-        let total_steps = per_epoch.div_ceil(config.grad_accum) * config.epochs;
-        let every = total_steps.div_ceil(config.checkpoints).max(1);
-        let train_config = TrainConfig {
-            lr: config.lr,
-            epochs: config.epochs,
-            micro_batch_tokens: config.micro_batch_tokens,
-            grad_accum: config.grad_accum,
+        let dir = job.dir.to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut cost = Cost::default();
+        let mut snapshots = Vec::new();
+        if !dir.join(TABLE).exists() {
+            let lock_path = dir.join("reference.lock");
+            let _lock = crate::util::lock_file(&lock_path, true).map_err(|e| Error::io(&lock_path, e))?;
+            cost = train_reference(&prepared, reference_name, config, seed, &dir, job.progress)?;
+            snapshots = checkpoint::snapshots(&dir.join("reference"))?;
+            if snapshots.is_empty() {
+                return Err(Error::Invalid(format!("S2L: the reference run in {} left no snapshots", dir.display())));
+            }
+        }
+        let base_fingerprint = prepared.model.fingerprint()?;
+        Ok(Self {
+            model: prepared.model,
+            vars: prepared.vars,
+            base_fingerprint,
+            dir,
+            snapshots,
+            cost,
             max_len: config.max_len,
-            seed,
-            save_every: Some(every),
-            keep_checkpoints: 1,
-            snapshot_every: Some(every),
-            // As the paper's S2L runs: cosine decay after a 3% warm-up.
-            schedule: train::optim::Schedule::Cosine,
-            warmup_ratio: 0.03,
-            ..TrainConfig::default()
-        };
-        let run_dir = self.dir.join("reference");
-        let report_path = run_dir.join("report.json");
-        self.cost.train_tokens = data.examples.iter().map(|e| e.ids.len()).sum::<usize>() * config.epochs;
-        self.cost.train_seconds = if report_path.exists() {
-            read_train_seconds(&report_path)?
-        } else {
-            tracing::info!("S2L: training the reference `{reference_name}` on {take} pairs, {total_steps} steps");
-            let trainable = Trainable { model: &self.model, vars: &self.vars, base_fingerprint: self.base_fingerprint.clone() };
-            train::train(&trainable, &data, &train_config, &run_dir, true, progress)?.seconds
-        };
-        Ok(())
+        })
     }
 
     /// Each snapshot is its own model: its scores get their own fingerprint and store.
@@ -314,6 +324,43 @@ impl Reference {
         }
         Ok(columns)
     }
+}
+
+/// Trains the reference as the paper's S2L runs do (cosine decay after a 3% warm-up), with
+/// about `checkpoints` snapshots along the way, unless its run is already finished; returns
+/// the training part of the cost.
+fn train_reference(prepared: &Prepared, name: &str, config: &ReferenceConfig, seed: u64, dir: &Path, progress: bool) -> Result<Cost> {
+    let data = &prepared.data;
+    let per_epoch = train::data::micro_batches(&data.examples, config.micro_batch_tokens, seed).len();
+    let total_steps = per_epoch.div_ceil(config.grad_accum) * config.epochs;
+    let every = total_steps.div_ceil(config.checkpoints).max(1);
+    let train_config = TrainConfig {
+        lr: config.lr,
+        epochs: config.epochs,
+        micro_batch_tokens: config.micro_batch_tokens,
+        grad_accum: config.grad_accum,
+        max_len: config.max_len,
+        seed,
+        save_every: Some(every),
+        keep_checkpoints: 1,
+        snapshot_every: Some(every),
+        schedule: train::optim::Schedule::Cosine,
+        warmup_ratio: 0.03,
+        ..TrainConfig::default()
+    };
+    let run_dir = dir.join("reference");
+    let report_path = run_dir.join("report.json");
+    let train_seconds = if report_path.exists() {
+        read_train_seconds(&report_path)?
+    } else {
+        tracing::info!("S2L: training the reference `{name}` on {} pairs, {total_steps} steps", data.examples.len());
+        prepared.train(&train_config, &run_dir, true, progress)?.seconds
+    };
+    Ok(Cost {
+        train_seconds,
+        train_tokens: data.examples.iter().map(|e| e.ids.len()).sum::<usize>() * config.epochs,
+        ..Cost::default()
+    })
 }
 
 /// The losses of snapshot `step`: the whole pool's, or one shard's part.
@@ -382,17 +429,6 @@ fn same_tokenizer_family(target: &LoadedModel, reference: &LoadedModel, target_n
         )));
     }
     Ok(())
-}
-
-/// Prompt tokens of the pool, each prompt once: the scorer runs a prompt once for all of its
-/// candidates, so this plus the response tokens is the whole forward work of one pass.
-pub fn prompt_tokens(model: &LoadedModel, pool: &Pool) -> Result<usize> {
-    let mut total = 0;
-    for ins in &pool.instructions {
-        let Some(first) = ins.candidates.first() else { continue };
-        total += model.encode_pair(&ins.prompt, &first.response)?.first_response;
-    }
-    Ok(total)
 }
 
 fn read_train_seconds(path: &Path) -> Result<f64> {
