@@ -4,7 +4,6 @@
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use grape_harness::experiment::graph::Graph;
 use grape_harness::experiment::{self, execute, plan, slurm, RunOptions};
 use grape_harness::shard::Shard;
 use grape_harness::report::{self, paper::PaperTable};
@@ -140,7 +139,7 @@ pub fn run_stage(cmd: StageCommand) -> anyhow::Result<()> {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let graph = Graph::build(&args.experiment, &args.runs_dir).context("reading the experiment")?;
+    let graph = experiment::checked_graph(&args.experiment, &args.runs_dir).context("reading the experiment")?;
     let states = slurm::status(&graph);
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["stage", "for", "state", "log"]);
@@ -149,7 +148,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             slurm::State::Failed { log: Some(log), .. } => log.display().to_string(),
             _ => String::new(),
         };
-        table.add_row([format!("{}/{}", node.kind, execute::short(node)), node.label.clone(), state.to_string(), log]);
+        // The whole error is in the log; the table keeps its first 100 characters.
+        let mut said = state.to_string();
+        if let Some((cut, _)) = said.char_indices().nth(100) {
+            said.truncate(cut);
+            said.push('…');
+        }
+        table.add_row([format!("{}/{}", node.kind, execute::short(node)), node.label.clone(), said, log]);
     }
     println!("{table}");
     let done = states.iter().filter(|s| **s == slurm::State::Done).count();

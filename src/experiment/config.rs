@@ -312,6 +312,18 @@ impl Experiment {
             if let Some(line) = r.sbatch.iter().find(|l| !l.starts_with('-') || l.contains('\n')) {
                 return Err(at(line, format!("resources.{kind}.sbatch: `{line}`: expected one sbatch option such as --account=lab")));
             }
+            // What the executor itself sets for each job cannot be overridden.
+            const OWN: [&str; 15] = [
+                "--wrap", "--array", "--dependency", "--output", "--error", "--job-name", "--chdir", "--parsable",
+                "--kill-on-invalid-dep", "-a", "-d", "-o", "-e", "-J", "-D",
+            ];
+            let name = |l: &str| match l.strip_prefix("--") {
+                Some(_) => l.split(['=', ' ']).next().unwrap_or_default().to_string(),
+                None => l.chars().take(2).collect(),
+            };
+            if let Some(line) = r.sbatch.iter().find(|l| OWN.contains(&name(l).as_str())) {
+                return Err(at(line, format!("resources.{kind}.sbatch: `{line}`: the Slurm executor sets this option itself")));
+            }
         }
         if !["truncate", "skip"].contains(&self.scoring.overflow.as_str()) {
             return Err(at("overflow", format!("scoring.overflow `{}`: expected truncate or skip", self.scoring.overflow)));
@@ -413,7 +425,7 @@ fn yaml_error(e: &serde_yaml::Error) -> String {
 }
 
 /// "line N: " for the first line containing `needle`, else nothing.
-fn line_of(text: &str, needle: &str) -> String {
+pub(crate) fn line_of(text: &str, needle: &str) -> String {
     text.lines().position(|l| l.contains(needle)).map_or(String::new(), |n| format!("line {}: ", n + 1))
 }
 

@@ -265,15 +265,14 @@ impl Graph {
             "score" | "eval" => true,
             other => self.nodes.iter().any(|n| n.kind == other && matches!(&n.work, Work::Needed { stage, .. } if stage.shardable())),
         };
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         for (kind, r) in &exp.resources {
+            let at = |what: String| Error::format(&self.path, format!("{}{what}", config::line_of(&text, &format!("{kind}:"))));
             if kind != "default" && !kinds.contains(&kind.as_str()) {
-                return Err(Error::format(
-                    &self.path,
-                    format!("resources.{kind}: no stage of this kind here (expected default or one of: {})", kinds.join(", ")),
-                ));
+                return Err(at(format!("resources.{kind}: no stage of this kind here (expected default or one of: {})", kinds.join(", "))));
             }
             if r.shards.is_some_and(|n| n > 1) && !splittable(kind) {
-                return Err(Error::format(&self.path, format!("resources.{kind}.shards: {kind} stages cannot be split into shards")));
+                return Err(at(format!("resources.{kind}.shards: {kind} stages cannot be split into shards")));
             }
         }
         Ok(())

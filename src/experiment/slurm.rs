@@ -216,6 +216,15 @@ fn job_records(id: &str) -> Vec<JobRecord> {
         .collect()
 }
 
+/// Slurm's reason, when it gives one, as ` (reason)`.
+fn reason(job: &JobRecord) -> String {
+    if job.reason.is_empty() || job.reason == "None" {
+        String::new()
+    } else {
+        format!(" ({})", job.reason)
+    }
+}
+
 const ALIVE: [&str; 6] = ["PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED"];
 
 /// Whether a job is still waiting or running (and not waiting on a failed dependency).
@@ -227,7 +236,8 @@ fn is_queued(id: &str) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub enum State {
     Done,
-    Running,
+    /// Running; how far a split stage has got.
+    Running(String),
     /// Waiting, and why (Slurm's reason).
     Pending(String),
     /// Ended without finishing: what is known of why, and the log to read.
@@ -242,7 +252,8 @@ impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             State::Done => f.write_str("done"),
-            State::Running => f.write_str("running"),
+            State::Running(progress) if progress.is_empty() => f.write_str("running"),
+            State::Running(progress) => write!(f, "running ({progress})"),
             State::Pending(reason) => write!(f, "pending ({reason})"),
             State::Failed { why, .. } => write!(f, "failed: {why}"),
             State::NotSubmitted => f.write_str("not submitted"),
@@ -285,13 +296,25 @@ fn state_of(graph: &Graph, node: &Node) -> State {
     let error = |shard: Option<Shard>| stage.as_ref().and_then(|s| s.failure(shard));
     // A failed part of the array explains a merge that will never run.
     if let Some((array, _)) = &jobs.array {
-        if let Some(task) = job_records(array).into_iter().find(|t| !t.alive() && t.state != "COMPLETED") {
+        let tasks = job_records(array);
+        // A failed part of the array explains a merge that will never run.
+        if let Some(task) = tasks.iter().find(|t| !t.alive() && t.state != "COMPLETED") {
             if task.never_ran() {
                 return State::Failed { why: format!("job {array} {}: a stage it reads failed", task.state), log: None };
             }
             let shard = task.task.parse().ok().map(|index| Shard { index, count: node.shards });
-            let why = error(shard).unwrap_or_else(|| format!("shard {}/{} ended {} ({})", task.task, node.shards, task.state, task.reason));
+            let why = error(shard).unwrap_or_else(|| format!("shard {}/{} ended {}{}", task.task, node.shards, task.state, reason(task)));
             return State::Failed { why, log: Some(dir.join(format!("slurm-{array}_{}.log", task.task))) };
+        }
+        let finished = (0..node.shards)
+            .filter(|&index| stage.as_ref().is_some_and(|s| s.shard_summary::<serde_json::Value>(Shard { index, count: node.shards }).is_some()))
+            .count();
+        let progress = format!("{finished} of {} shards done", node.shards);
+        if tasks.iter().any(|t| t.state == "RUNNING") {
+            return State::Running(progress);
+        }
+        if let Some(waiting) = tasks.iter().find(|t| t.alive()) {
+            return State::Pending(format!("{}; {progress}", waiting.reason));
         }
     }
     let log = dir.join(format!("slurm-{}.log", jobs.job));
@@ -302,13 +325,13 @@ fn state_of(graph: &Graph, node: &Node) -> State {
         },
         Some(job) if job.alive() => match job.state.as_str() {
             "PENDING" | "REQUEUED" | "SUSPENDED" => State::Pending(job.reason.clone()),
-            _ => State::Running,
+            _ => State::Running(String::new()),
         },
         Some(job) if job.never_ran() => {
             State::Failed { why: format!("job {} {}: a stage it reads failed", jobs.job, job.state), log: None }
         }
         Some(job) => State::Failed {
-            why: error(None).unwrap_or_else(|| format!("job {} ended {} ({})", jobs.job, job.state, job.reason)),
+            why: error(None).unwrap_or_else(|| format!("job {} ended {}{}", jobs.job, job.state, reason(job))),
             log: Some(log),
         },
     }
