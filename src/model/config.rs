@@ -149,9 +149,18 @@ impl ModelConfig {
                 ))
             }
         };
-        let rope_scaling = match root.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(v) => parse_rope_scaling(path, v)?,
+        // transformers 5 writes the rope settings as `rope_parameters` (per layer type for
+        // Gemma 3) instead of `rope_theta` and `rope_scaling`; either is read.
+        let (global_rope, local_rope) = match root.get("rope_parameters").filter(|v| v.is_object()) {
+            Some(p) if p.get("full_attention").is_some() => (p.get("full_attention"), p.get("sliding_attention")),
+            Some(p) => (Some(p), None),
+            None => (None, None),
+        };
+        let theta_of = |p: Option<&Value>| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+        let rope_scaling = match (root.get("rope_scaling"), global_rope) {
+            (None | Some(Value::Null), None) => None,
+            (None | Some(Value::Null), Some(p)) => parse_rope_scaling(path, p)?,
+            (Some(v), _) => parse_rope_scaling(path, v)?,
         };
         Ok(ModelConfig {
             architecture,
@@ -163,8 +172,8 @@ impl ModelConfig {
             num_kv_heads: fields.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
             head_dim: fields.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads),
             rms_norm_eps: fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: fields.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rope_local_theta: fields.opt_f64("rope_local_base_freq")?,
+            rope_theta: fields.opt_f64("rope_theta")?.or(theta_of(global_rope)).unwrap_or(10_000.0),
+            rope_local_theta: fields.opt_f64("rope_local_base_freq")?.or(theta_of(local_rope)),
             rope_scaling,
             sliding_window,
             sliding_layers,
@@ -421,6 +430,26 @@ impl<'a> JsonFields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers 5 keeps rope settings in `rope_parameters` (what its save_pretrained
+    /// writes): read as the older top-level fields are.
+    #[test]
+    fn rope_parameters_of_transformers_5_are_read() {
+        let base = r#""model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2"#;
+        let plain = format!(r#"{{{base}, "rope_parameters": {{"rope_theta": 100000.0, "rope_type": "default"}}}}"#);
+        let c = ModelConfig::from_hf_json(Path::new("c"), &plain).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (100000.0, true));
+        let llama3 = format!(
+            r#"{{{base}, "rope_parameters": {{"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        );
+        let c = ModelConfig::from_hf_json(Path::new("c"), &llama3).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        let old = format!(r#"{{{base}, "rope_theta": 100000.0}}"#);
+        assert_eq!(ModelConfig::from_hf_json(Path::new("c"), &old).unwrap().rope_theta, 100000.0);
+    }
 
     /// Export writes what import reads: every architecture survives the round trip.
     #[test]
