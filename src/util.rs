@@ -123,3 +123,12 @@ pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<Option<std::fs::Fil
         }
     }
 }
+
+/// A word for `sh`, quoted unless plain.
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}

@@ -54,6 +54,20 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// native (this crate's trainer) or trl (engines/sft.py through accelerate, in a pinned
+    /// Python environment created on first use).
+    #[arg(long, default_value = "native")]
+    engine: train::Engine,
+    /// The trl engine's accelerate config: cpu, zero3, fsdp (engines/accelerate/) or a path.
+    #[arg(long)]
+    accelerate: Option<String>,
+    /// Processes the trl engine runs (GPUs, or CPU processes).
+    #[arg(long)]
+    processes: Option<usize>,
+    /// Start the trl engine with this command line instead (see engines/slurm-multinode.sh);
+    /// {python} {accelerate} {processes} {port} {script} {engine_dir} are filled in.
+    #[arg(long)]
+    launch: Option<String>,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -73,6 +87,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         snapshot_every: args.snapshot_every,
+        engine: args.engine,
+        accelerate: args.accelerate.clone(),
+        processes: args.processes,
+        launch: args.launch.clone(),
     };
     let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
     let prepared = Prepared::load(&args.model, &options, Examples::File(&args.data), config.max_len)

@@ -325,6 +325,9 @@ impl Experiment {
                 return Err(at(line, format!("resources.{kind}.sbatch: `{line}`: the Slurm executor sets this option itself")));
             }
         }
+        if !self.training.engine.is_native() {
+            crate::train::engine::accelerate_config(&self.training).map_err(|e| at("accelerate", e.to_string()))?;
+        }
         if !["truncate", "skip"].contains(&self.scoring.overflow.as_str()) {
             return Err(at("overflow", format!("scoring.overflow `{}`: expected truncate or skip", self.scoring.overflow)));
         }

@@ -181,6 +181,14 @@ fn describe_inputs(variant: &VariantInputs, size: &PoolSize, out: &mut String) {
                     m.config.parameter_count() as f64 / 1e6,
                     if size.candidates > 0 { format!(", {mean:.0} tokens per candidate") } else { String::new() }
                 );
+                // One response per instruction as the estimate of a selection's tokens.
+                let training = super::training_config(exp);
+                let on_gpu = crate::model::Placement::current().device.is_cuda();
+                let memory = crate::train::plan::plan(&m.config, &training, size.instructions as f64 * mean, on_gpu);
+                let _ = writeln!(out, "    training: {memory}");
+                if let Some(launch) = &training.launch {
+                    let _ = writeln!(out, "    training starts with: sh -c {launch:?}");
+                }
             }
             Err(e) => {
                 let spec = &exp.targets[t];

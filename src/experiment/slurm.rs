@@ -140,17 +140,8 @@ fn dependency(after: &[String]) -> Option<String> {
     (!after.is_empty()).then(|| format!("--dependency=afterok:{}", after.join(":")))
 }
 
-/// A word for `sh`, quoted unless plain.
-fn quote(word: &str) -> String {
-    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
-    }
-}
-
 fn quote_all(words: &[String]) -> String {
-    words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
+    words.iter().map(|w| crate::util::shell_quote(w)).collect::<Vec<_>>().join(" ")
 }
 
 /// Submits one job; its id.

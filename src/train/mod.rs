@@ -8,14 +8,17 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
 pub mod export;
 pub mod optim;
+pub mod plan;
 
 use crate::model::{EncodedPair, LoadedModel, TrainingBatch};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use checkpoint::TrainState;
+pub use engine::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 use optim::{AdamW, AdamWConfig, Schedule};
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,22 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Save the weights alone every this many steps and at the end, all kept.
     pub snapshot_every: Option<usize>,
+    /// `native` (this crate's trainer) or `trl` (engines/sft.py through accelerate; see
+    /// [`engine`]). Left out of stage keys when native, so earlier runs keep theirs.
+    #[serde(skip_serializing_if = "Engine::is_native")]
+    pub engine: Engine,
+    /// The trl engine's accelerate config: `cpu`, `zero3`, `fsdp` (files in engines/accelerate/)
+    /// or a path [default: cpu].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accelerate: Option<String>,
+    /// Processes the trl engine runs: GPUs, or CPU processes [default: 1].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<usize>,
+    /// A command line that starts the trl engine instead of a one-node `accelerate launch`,
+    /// run by `sh`; `{python}`, `{accelerate}`, `{processes}`, `{port}`, `{script}` and
+    /// `{engine_dir}` are filled in. engines/slurm-multinode.sh is the one for several nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launch: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +89,10 @@ impl Default for TrainConfig {
             save_every: None,
             keep_checkpoints: 2,
             snapshot_every: None,
+            engine: Engine::Native,
+            accelerate: None,
+            processes: None,
+            launch: None,
         }
     }
 }
@@ -145,10 +168,23 @@ impl Prepared {
         Ok(Prepared { model, vars, data })
     }
 
-    /// Fine-tunes into `out` (see [`train`]).
+    /// Fine-tunes into `out` with the engine `config` names (see [`train`], [`engine::train`]).
     pub fn train(&self, config: &TrainConfig, out: &Path, resume: bool, progress: bool) -> Result<TrainReport> {
-        let target = Trainable { model: &self.model, vars: &self.vars, base_fingerprint: self.model.fingerprint()? };
-        train(&target, &self.data, config, out, resume, progress)
+        let tokens = self.data.examples.iter().map(|e| e.ids.len()).sum::<usize>() as f64;
+        let memory = plan::plan(&self.model.config, config, tokens, self.model.device.is_cuda());
+        if !memory.fits() {
+            return Err(Error::Invalid(format!(
+                "training into {} refused: {memory} (training.engine: trl with accelerate zero3 or fsdp splits the state over GPUs)",
+                out.display()
+            )));
+        }
+        match config.engine {
+            Engine::Native => {
+                let target = Trainable { model: &self.model, vars: &self.vars, base_fingerprint: self.model.fingerprint()? };
+                train(&target, &self.data, config, out, resume, progress)
+            }
+            Engine::Trl => engine::train(self, config, out, progress),
+        }
     }
 }
 
@@ -169,13 +205,9 @@ pub fn train(
     let base: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
     let mut optimizer = AdamW::new(vars.iter().cloned().collect(), config.adamw)?;
 
-    // Epoch e's batches are cut with seed + e; every epoch has as many (the cut depends on
-    // lengths only), so epoch 0's also give the count.
-    let mut epoch_batches = (0, data::micro_batches(&data.examples, config.micro_batch_tokens, config.seed));
-    let per_epoch = epoch_batches.1.len();
-    let steps_per_epoch = per_epoch.div_ceil(config.grad_accum);
-    let total_steps = config.max_steps.unwrap_or(steps_per_epoch * config.epochs);
-    let warmup = (config.warmup_ratio * total_steps as f64).ceil() as usize;
+    let order = batch_order(&data.examples, config);
+    let total_steps = order.steps.len();
+    let warmup = order.warmup;
 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut start_step = 0;
@@ -200,15 +232,8 @@ pub fn train(
     let started = Instant::now();
     let mut tokens_done = 0usize;
     for step in start_step..total_steps {
-        let epoch = step / steps_per_epoch;
-        if epoch_batches.0 != epoch {
-            let seed = config.seed.wrapping_add(epoch as u64);
-            epoch_batches = (epoch, data::micro_batches(&data.examples, config.micro_batch_tokens, seed));
-        }
-        let batches = &epoch_batches.1;
-        let first = (step % steps_per_epoch) * config.grad_accum;
-        let step_batches = &batches[first..(first + config.grad_accum).min(batches.len())];
-
+        let (epoch, step_batches) = &order.steps[step];
+        let epoch = *epoch;
         let step_start = Instant::now();
         let examples: Vec<Vec<&EncodedPair>> =
             step_batches.iter().map(|b| b.iter().map(|&i| &data.examples[i]).collect()).collect();
@@ -250,35 +275,81 @@ pub fn train(
 
     let weights: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     export::hugging_face(model, &weights, &out.join("model"))?;
-    let points: Vec<(f64, f64)> = history.iter().map(|l| (l.step as f64, l.loss)).collect();
-    let svg = crate::report::plot::line_chart(
-        "training loss",
-        "step",
-        "loss (mean over response tokens)",
-        &[crate::report::plot::Series { name: "train", points: &points }],
-    );
-    let curve = out.join("loss.svg");
-    std::fs::write(&curve, svg).map_err(|e| Error::io(&curve, e))?;
-
-    let seconds = started.elapsed().as_secs_f64();
-    let report = TrainReport {
-        steps: total_steps,
-        resumed_from,
-        first_loss: history.first().map(|l| l.loss),
-        final_loss: history.last().map(|l| l.loss),
-        weight_l2_distance: l2_distance(&vars, &base)?,
-        seconds,
-        tokens_per_second: tokens_done as f64 / seconds.max(1e-9),
-        truncated_examples: data.truncated,
-        skipped_examples: data.skipped,
-    };
-    let report_path = out.join("report.json");
-    let json = serde_json::to_string_pretty(&report).expect("plain data serialises");
-    std::fs::write(&report_path, json).map_err(|e| Error::io(&report_path, e))?;
-    Ok(report)
+    let end = Finished { history: &history, steps: total_steps, resumed_from, weight_l2_distance: l2_distance(&vars, &base)?, tokens: tokens_done, started };
+    end.report(out, data)
 }
 
-fn validate(config: &TrainConfig) -> Result<()> {
+/// What a finished run reports, however it trained.
+pub(crate) struct Finished<'a> {
+    pub history: &'a [StepLog],
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub weight_l2_distance: f64,
+    /// Tokens this invocation trained on (a resumed run: since it resumed).
+    pub tokens: usize,
+    pub started: Instant,
+}
+
+impl Finished<'_> {
+    /// Writes the loss curve and `report.json` under `out`.
+    pub fn report(&self, out: &Path, data: &data::SftData) -> Result<TrainReport> {
+        let points: Vec<(f64, f64)> = self.history.iter().map(|l| (l.step as f64, l.loss)).collect();
+        let svg = crate::report::plot::line_chart(
+            "training loss",
+            "step",
+            "loss (mean over response tokens)",
+            &[crate::report::plot::Series { name: "train", points: &points }],
+        );
+        let curve = out.join("loss.svg");
+        std::fs::write(&curve, svg).map_err(|e| Error::io(&curve, e))?;
+        let seconds = self.started.elapsed().as_secs_f64();
+        let report = TrainReport {
+            steps: self.steps,
+            resumed_from: self.resumed_from,
+            first_loss: self.history.first().map(|l| l.loss),
+            final_loss: self.history.last().map(|l| l.loss),
+            weight_l2_distance: self.weight_l2_distance,
+            seconds,
+            tokens_per_second: self.tokens as f64 / seconds.max(1e-9),
+            truncated_examples: data.truncated,
+            skipped_examples: data.skipped,
+        };
+        let report_path = out.join("report.json");
+        let json = serde_json::to_string_pretty(&report).expect("plain data serialises");
+        std::fs::write(&report_path, json).map_err(|e| Error::io(&report_path, e))?;
+        Ok(report)
+    }
+}
+
+/// Every optimiser step's micro-batches (indices into the examples), in the order training
+/// takes them, and the warm-up: epoch e's batches are cut with seed + e.
+pub struct BatchOrder {
+    /// (epoch, micro-batches) per step.
+    pub steps: Vec<(usize, Vec<Vec<usize>>)>,
+    pub warmup: usize,
+}
+
+pub fn batch_order(examples: &[EncodedPair], config: &TrainConfig) -> BatchOrder {
+    // Every epoch has as many batches (the cut depends on lengths only): epoch 0's give the count.
+    let mut epoch_batches = (0, data::micro_batches(examples, config.micro_batch_tokens, config.seed));
+    let per_epoch = epoch_batches.1.len();
+    let steps_per_epoch = per_epoch.div_ceil(config.grad_accum).max(1);
+    let total_steps = config.max_steps.unwrap_or(steps_per_epoch * config.epochs);
+    let mut steps = Vec::with_capacity(total_steps);
+    for step in 0..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch_batches.0 != epoch {
+            let seed = config.seed.wrapping_add(epoch as u64);
+            epoch_batches = (epoch, data::micro_batches(examples, config.micro_batch_tokens, seed));
+        }
+        let batches = &epoch_batches.1;
+        let first = ((step % steps_per_epoch) * config.grad_accum).min(batches.len());
+        steps.push((epoch, batches[first..(first + config.grad_accum).min(batches.len())].to_vec()));
+    }
+    BatchOrder { steps, warmup: (config.warmup_ratio * total_steps as f64).ceil() as usize }
+}
+
+pub(crate) fn validate(config: &TrainConfig) -> Result<()> {
     let problem = if !(config.lr > 0.0) {
         Some("lr must be positive")
     } else if config.epochs == 0 && config.max_steps.is_none() {
@@ -378,7 +449,7 @@ fn csv_row(l: &StepLog) -> String {
     )
 }
 
-fn read_log(out: &Path) -> Result<Vec<StepLog>> {
+pub(crate) fn read_log(out: &Path) -> Result<Vec<StepLog>> {
     let path = out.join(LOG_JSONL);
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Vec::new()) };
     // A run killed mid-line leaves a partial last line: everything before it counts.
@@ -386,7 +457,7 @@ fn read_log(out: &Path) -> Result<Vec<StepLog>> {
 }
 
 /// Rewrites both logs with `history` (after a resume: only the steps the checkpoint holds).
-fn write_log(out: &Path, history: &[StepLog]) -> Result<()> {
+pub(crate) fn write_log(out: &Path, history: &[StepLog]) -> Result<()> {
     let mut jsonl = String::new();
     let mut csv = String::from(CSV_HEADER);
     for l in history {
@@ -411,7 +482,7 @@ fn append_log(out: &Path, log: &StepLog) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(visible: bool, steps: u64) -> ProgressBar {
+pub(crate) fn progress_bar(visible: bool, steps: u64) -> ProgressBar {
     if !visible {
         return ProgressBar::hidden();
     }
