@@ -248,6 +248,12 @@ fn engine_failures_are_one_clear_error_and_nothing_is_finished() {
     let out = |name: &str| dir.path().join(name);
     let trl = |name: &str| train_args(&data, &out(name), &["--engine", "trl", "--max-steps", "2"]);
 
+    // A GPU configuration that cannot fit is refused before anything starts, with the numbers.
+    let args = [trl("z"), ["--accelerate", "zero3", "--processes", "2"].map(String::from).to_vec()].concat();
+    let e = one_error_line(&harness(&args, &cache, &[("HARNESS_GPU_MEMORY_GB", "0.0001")]));
+    assert!(e.contains("refused") && e.contains("DOES NOT FIT") && e.contains("optimizer"), "{e}");
+    assert!(!out("z").join("engine").exists(), "nothing was handed over");
+
     // No Python where one is named.
     let e = one_error_line(&harness(&trl("a"), &cache, &[("HARNESS_ENGINE_PYTHON", "/nonexistent/python3")]));
     assert!(e.contains("HARNESS_ENGINE_PYTHON=/nonexistent/python3: no such file") && e.contains(out("a").to_str().unwrap()), "{e}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{comparable_results, harness, have, plan_keys, stage_folders, succeeded, tiny_pool, STORIES};
+use common::{comparable_results, harness, have, plan_keys, stage_folders, succeeded, tiny_experiment, STORIES};
 
 fn have_stories() -> bool {
     have(&[STORIES, "../shared/data/eval/HumanEval.jsonl.gz"])
@@ -17,16 +17,8 @@ fn have_stories() -> bool {
 
 /// A tiny experiment; more `epochs` make a training run long enough to be caught mid-way.
 fn write_experiment(dir: &Path, epochs: usize) -> PathBuf {
-    let pool = tiny_pool(dir);
-    let yaml = format!(
-        r#"name: tiny
-seed: 3
-targets:
-  - {{name: stories260K, model: stories260k}}
-pool:
-  path: {}
-scoring: {{max_len: 128}}
-selectors:
+    let rest = format!(
+        r#"selectors:
   - {{name: grape, label: GRAPE}}
   - {{name: lowest}}
   - {{name: random}}
@@ -38,12 +30,9 @@ evaluation:
   benchmarks: [humaneval, mbpp, math500, gsmplus]
   limit: 2
   max_new_tokens: 8
-"#,
-        pool.display()
+"#
     );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
+    tiny_experiment(dir, &rest)
 }
 
 fn events(runs: &Path) -> Vec<Value> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{comparable_results, have, plan_keys, stage_folders, succeeded, tiny_pool, STORIES};
+use common::{comparable_results, have, plan_keys, stage_folders, succeeded, tiny_experiment, STORIES};
 
 /// A private cluster, stopped (its daemons only) when dropped.
 struct Cluster {
@@ -40,34 +40,21 @@ impl Drop for Cluster {
 }
 
 fn experiment(dir: &Path) -> PathBuf {
-    let pool = tiny_pool(dir);
-    let yaml = format!(
-        r#"name: tiny
-seed: 3
-targets:
-  - {{name: stories260K, model: stories260k}}
-pool:
-  path: {}
-scoring: {{max_len: 128}}
-selectors:
-  - {{name: grape, label: GRAPE}}
-  - {{name: random}}
-  - {{name: s2l, params: {{k: 2, subset: 0.5, epochs: 2, checkpoints: 2, lr: 0.001, max_len: 96, micro_batch_tokens: 192}}}}
-training: {{lr: 0.001, epochs: 1, micro_batch_tokens: 96, max_len: 128}}
+    let rest = r#"selectors:
+  - {name: grape, label: GRAPE}
+  - {name: random}
+  - {name: s2l, params: {k: 2, subset: 0.5, epochs: 2, checkpoints: 2, lr: 0.001, max_len: 96, micro_batch_tokens: 192}}
+training: {lr: 0.001, epochs: 1, micro_batch_tokens: 96, max_len: 128}
 evaluation:
   benchmarks: [humaneval, gsmplus]
   limit: 2
   max_new_tokens: 8
 resources:
-  default: {{cpus: 1, mem: 2G, time: "0:10:00"}}
-  score: {{shards: 3}}
-  eval: {{shards: 2}}
-"#,
-        pool.display()
-    );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
+  default: {cpus: 1, mem: 2G, time: "0:10:00"}
+  score: {shards: 3}
+  eval: {shards: 2}
+"#;
+    tiny_experiment(dir, rest)
 }
 
 fn harness(args: &[&str], cache: &Path, conf: &Path) -> Output {

@@ -252,7 +252,10 @@ impl Experiment {
         let variants = self.expand().map_err(|e| Error::format(path, e))?;
         for exp in variants.iter().map(|v| &v.experiment) {
             if !resolve(&exp.pool.path, data_dir).exists() {
-                let how = exp.pool.upstream.as_deref().map_or(String::new(), |u| format!("; build or fetch it: {u}"));
+                let how = exp.pool.upstream.as_deref().map_or_else(
+                    || "; set HARNESS_DATA_DIR to the folder holding pools/ and eval/".to_string(),
+                    |u| format!("; build or fetch it: {u}"),
+                );
                 return Err(Error::format(
                     path,
                     format!(

@@ -129,3 +129,17 @@ pub fn stage_folders(root: &Path, kind: &str) -> Vec<String> {
     names.sort();
     names
 }
+
+/// An experiment `tiny` on stories260K and [`tiny_pool`], scoring up to 128 tokens; `rest` is
+/// its selectors, training, evaluation and whatever else (YAML). Written to `dir/tiny.yaml`.
+pub fn tiny_experiment(dir: &Path, rest: &str) -> std::path::PathBuf {
+    let pool = tiny_pool(dir);
+    let yaml = format!(
+        "name: tiny\nseed: 3\ntargets:\n  - {{name: stories260K, model: stories260k}}\npool:\n  path: {}\n\
+         scoring: {{max_len: 128}}\n{rest}",
+        pool.display()
+    );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
