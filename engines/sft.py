@@ -11,7 +11,7 @@ Reads (written by the harness, contract version 1):
                      optimiser step's micro-batches, in the harness trainer's order
   train_config.json  lr, schedule, warm-up, AdamW, clipping, precision, save_every, base model
 Writes, beside the engine folder (the train stage's folder):
-  model/             the fine-tuned model, a Hugging Face folder (tokenizer copied from the base)
+  model/             the fine-tuned model's config and weights, a Hugging Face folder
   train_log.jsonl    one line per step, in the harness trainer's format
 and its checkpoints under engine/checkpoints/step-N (a cut-off run resumes from the newest).
 
@@ -90,6 +90,13 @@ def main(engine_dir):
         eps=adamw["eps"],
         weight_decay=adamw["weight_decay"],
     )
+    clip = config.get("clip_grad_norm")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # No dataloader is prepared, so DeepSpeed cannot infer its micro-batch ("auto"); it
+        # clips inside its own step, so it takes the run's clipping, not the yaml's.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        plugin.deepspeed_config["gradient_clipping"] = clip or 0.0
     # The rate is set by hand each step: accelerate's scheduler wrapper steps once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     total, warmup = len(steps), config["warmup_steps"]
@@ -104,7 +111,6 @@ def main(engine_dir):
         keep_log(log_path, start)
 
     device = accelerator.device
-    clip = config.get("clip_grad_norm")
     model.train()
     for step in range(start, total):
         began = time.time()
@@ -114,7 +120,10 @@ def main(engine_dir):
         lr = config["lr"] * schedule_factor(config["schedule"], step, total, warmup)
         mine = micro[rank::world]
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        grad_norm = float("nan")
+        grad_norm = None
+        # Before the rounds: DeepSpeed steps inside the last backward.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         for r in range(rounds):
             batch, weight = (mine[r], 1.0) if r < len(mine) else (micro[0], 0.0)
             with accelerator.accumulate(model):
@@ -129,13 +138,15 @@ def main(engine_dir):
                 step_loss += (summed * weight).detach().double()
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
-                    grad_norm = float("nan") if norm is None else float(norm)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    if norm is None and hasattr(model, "get_global_grad_norm"):
+                        norm = model.get_global_grad_norm()
+                    grad_norm = None if norm is None else float(norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         total_loss = accelerator.reduce(step_loss, reduction="sum").item() / max(response_tokens, 1)
         done = step + 1
+        if not math.isfinite(total_loss):
+            sys.exit(f"the loss became {total_loss} at step {done}: lower training.lr or check the data")
         if accelerator.is_main_process:
             seconds = time.time() - began
             line = {
@@ -163,16 +174,18 @@ def main(engine_dir):
             accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
+    # Written aside and renamed: a model/ folder is always a whole one. (The harness then
+    # writes the tokenizer and chat template the run trained under.)
     out = os.path.join(stage_dir, "model")
+    partial = out + ".partial"
     state = accelerator.get_state_dict(model)
     accelerator.unwrap_model(model).save_pretrained(
-        out, state_dict=state, safe_serialization=True, is_main_process=accelerator.is_main_process
+        partial, state_dict=state, safe_serialization=True, is_main_process=accelerator.is_main_process
     )
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            source = os.path.join(config["base_model"], name)
-            if os.path.exists(source):
-                shutil.copy(source, os.path.join(out, name))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(partial, out)
     accelerator.wait_for_everyone()
 
 

@@ -153,6 +153,11 @@ fn trl_engine_trains_as_the_native_trainer_one_or_two_processes_and_resumes() {
     let gap = relative_gap(&trl, &native, &base);
     eprintln!("final weights: |trl - native| / |native - base| = {gap:.2e}");
     assert!(gap < 1e-4, "the engines' weights differ by {gap:.2e} of the distance trained");
+    // Evaluated under the template it trained under, as our own export writes it.
+    let template = |out: &Path| -> Value {
+        serde_json::from_str::<Value>(&std::fs::read_to_string(out.join("model/tokenizer_config.json")).unwrap()).unwrap()["chat_template"].clone()
+    };
+    assert!(template(&trl).is_string() && template(&trl) == template(&native));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(trl.join("report.json")).unwrap()).unwrap();
     assert!(report["weight_l2_distance"].as_f64().unwrap() > 0.0);
 

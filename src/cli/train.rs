@@ -93,7 +93,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         launch: args.launch.clone(),
     };
     let options = model::LoadOptions { template: args.template.clone(), ..model::LoadOptions::default() };
-    let prepared = Prepared::load(&args.model, &options, Examples::File(&args.data), config.max_len)
+    let prepared = Prepared::load(&args.model, &config.load_options(&options), Examples::File(&args.data), config.max_len)
         .with_context(|| format!("loading `{}` and its training data {}", args.model, args.data.display()))?;
     let report = prepared
         .train(&config, &args.out, args.resume, true)

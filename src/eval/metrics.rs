@@ -18,17 +18,12 @@ pub fn pass_at_k(n: usize, correct: usize, k: usize) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
     /// In [0, 1]; NaN over no items (a shard that drew none of a benchmark's).
-    #[serde(deserialize_with = "nan_if_null")]
+    #[serde(deserialize_with = "crate::util::nan_if_null")]
     pub value: f64,
     pub n: usize,
     /// 95% percentile-bootstrap interval over items.
     #[serde(deserialize_with = "nan_pair_if_null")]
     pub ci95: (f64, f64),
-}
-
-/// JSON writes NaN as `null`; read back, it is NaN again.
-fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn nan_pair_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(f64, f64), D::Error> {

@@ -268,7 +268,8 @@ impl StageWork<'_> {
         let (variant, target) = self.target(t);
         let training = training_config(&variant.experiment);
         let data = self.input().dir.join("sft.jsonl");
-        let prepared = Prepared::load(&target.model, &target.load, Examples::File(&data), training.max_len)?;
+        let load = training.load_options(&target.load);
+        let prepared = Prepared::load(&target.model, &load, Examples::File(&data), training.max_len)?;
         let report = prepared.train(&training, &self.stage.dir, true, self.options.progress)?;
         Ok(TrainSummary {
             steps: report.steps,

@@ -233,7 +233,7 @@ impl Graph {
                 let select_node = node("select", inputs, reads, format!("[{name} / {row}] select"), Work::Select { target: t, selector: s });
                 let select_at = add(&mut self.nodes, select_node);
                 let select_key = self.nodes[select_at].key.clone();
-                let inputs = fingerprint.as_deref().zip(select_key.as_deref()).map(|(f, k)| super::train_inputs(&exp, f, k));
+                let inputs = fingerprint.as_deref().zip(select_key.as_deref()).map(|(f, k)| super::train_inputs(&exp, f, k)).transpose()?;
                 let train = node("train", inputs, vec![select_at], format!("[{name} / {row}] train"), Work::Train { target: t });
                 let train_at = add(&mut self.nodes, train);
                 let train_key = self.nodes[train_at].key.clone();

@@ -183,15 +183,14 @@ pub(crate) fn training_config(exp: &Experiment) -> train::TrainConfig {
     training
 }
 
-fn train_inputs(exp: &Experiment, fingerprint: &str, select_key: &str) -> serde_json::Value {
+fn train_inputs(exp: &Experiment, fingerprint: &str, select_key: &str) -> Result<serde_json::Value> {
     let training = training_config(exp);
     let mut inputs = json!({"model": fingerprint, "selection": select_key, "training": training});
     if !training.engine.is_native() {
         // The engine's pinned environment and script decide its numbers too.
-        let engine = train::engine::fingerprint(&training).unwrap_or_else(|e| format!("unreadable: {e}"));
-        inputs["engine"] = json!(engine);
+        inputs["engine"] = json!(train::engine::fingerprint(&training)?);
     }
-    inputs
+    Ok(inputs)
 }
 
 fn eval_inputs(exp: &Experiment, model_key: &str, bench_key: &[String]) -> serde_json::Value {

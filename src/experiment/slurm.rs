@@ -63,12 +63,15 @@ pub fn submit(graph: &Graph, command: &JobCommand) -> Result<Vec<Submitted>> {
         let dir = folder(graph, node);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         if let Some(jobs) = read_jobs(&dir) {
-            if is_queued(&jobs.job) {
+            if is_queued(&jobs.job)? {
                 job_of.insert(at, jobs.job);
                 continue;
             }
-            // A job left waiting on a failed stage would never run: it is replaced.
-            let _ = Command::new("scancel").arg(&jobs.job).status();
+            // A job left waiting on a failed stage would never run, and parts still running
+            // would race their replacements: both go before the stage is submitted again.
+            let mut cancel = Command::new("scancel");
+            cancel.arg(&jobs.job).args(jobs.array.iter().map(|(id, _)| id));
+            let _ = cancel.status();
         }
         let after: Vec<String> = node.reads.iter().filter_map(|r| job_of.get(r).cloned()).collect();
         let base = |name: &str| {
@@ -191,20 +194,25 @@ impl JobRecord {
     }
 }
 
-/// Every record Slurm holds of a job; none when it no longer knows it or cannot be asked.
-fn job_records(id: &str) -> Vec<JobRecord> {
-    let Ok(out) = Command::new("scontrol").args(["show", "job", "-o", id]).output() else { return Vec::new() };
+/// Every record Slurm holds of a job: none when it no longer knows it; an error when it
+/// cannot be asked (so a slow controller never makes a live job look gone).
+fn job_records(id: &str) -> std::result::Result<Vec<JobRecord>, String> {
+    let out = Command::new("scontrol")
+        .args(["show", "job", "-o", id])
+        .output()
+        .map_err(|e| format!("cannot run scontrol: {e}"))?;
     if !out.status.success() {
-        return Vec::new();
+        let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return if said.contains("Invalid job id") { Ok(Vec::new()) } else { Err(format!("scontrol show job {id}: {said}")) };
     }
     let field = |line: &str, name: &str| {
         line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap_or_default().to_string()
     };
-    String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| JobRecord { state: field(l, "JobState="), reason: field(l, "Reason="), task: field(l, "ArrayTaskId=") })
-        .collect()
+        .collect())
 }
 
 /// Slurm's reason, when it gives one, as ` (reason)`.
@@ -219,8 +227,8 @@ fn reason(job: &JobRecord) -> String {
 const ALIVE: [&str; 6] = ["PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED"];
 
 /// Whether a job is still waiting or running (and not waiting on a failed dependency).
-fn is_queued(id: &str) -> bool {
-    job_records(id).iter().any(JobRecord::alive)
+fn is_queued(id: &str) -> Result<bool> {
+    Ok(job_records(id).map_err(Error::Invalid)?.iter().any(JobRecord::alive))
 }
 
 /// What `harness status` says of one stage.
@@ -237,6 +245,8 @@ pub enum State {
     NotSubmitted,
     /// Unfinished, but every stage reading it has finished.
     NotNeeded,
+    /// Slurm could not be asked.
+    Unknown(String),
 }
 
 impl std::fmt::Display for State {
@@ -249,6 +259,7 @@ impl std::fmt::Display for State {
             State::Failed { why, .. } => write!(f, "failed: {why}"),
             State::NotSubmitted => f.write_str("not submitted"),
             State::NotNeeded => f.write_str("not needed (what reads it is done)"),
+            State::Unknown(why) => write!(f, "unknown ({why})"),
         }
     }
 }
@@ -274,9 +285,14 @@ fn state_of(graph: &Graph, node: &Node) -> State {
     }
     let dir = folder(graph, node);
     let Some(jobs) = read_jobs(&dir) else { return State::NotSubmitted };
+    let records = |id: &str| job_records(id).map_err(State::Unknown);
+    let merge = match records(&jobs.job) {
+        Ok(r) => r,
+        Err(unknown) => return unknown,
+    };
     if stage.is_none() {
         // The report has no key: it is done when its last job finished, or wrote its table.
-        let finished = match job_records(&jobs.job).first() {
+        let finished = match merge.first() {
             Some(job) => job.state == "COMPLETED",
             None => dir.join("results.json").exists(),
         };
@@ -285,9 +301,11 @@ fn state_of(graph: &Graph, node: &Node) -> State {
         }
     }
     let error = |shard: Option<Shard>| stage.as_ref().and_then(|s| s.failure(shard));
-    // A failed part of the array explains a merge that will never run.
     if let Some((array, _)) = &jobs.array {
-        let tasks = job_records(array);
+        let tasks = match records(array) {
+            Ok(t) => t,
+            Err(unknown) => return unknown,
+        };
         // A failed part of the array explains a merge that will never run.
         if let Some(task) = tasks.iter().find(|t| !t.alive() && t.state != "COMPLETED") {
             if task.never_ran() {
@@ -309,7 +327,7 @@ fn state_of(graph: &Graph, node: &Node) -> State {
         }
     }
     let log = dir.join(format!("slurm-{}.log", jobs.job));
-    match job_records(&jobs.job).first() {
+    match merge.first() {
         None => State::Failed {
             why: error(None).unwrap_or_else(|| format!("job {} ended and Slurm no longer knows it", jobs.job)),
             log: Some(log),

@@ -69,28 +69,56 @@ pub fn accelerate_config(config: &TrainConfig) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The pinned requirement files of a run: the base set, plus DeepSpeed for ZeRO-3.
-fn requirement_files(config: &TrainConfig) -> Vec<PathBuf> {
+/// What an accelerate config asks for, as the plan and the hand-off need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub on_cpu: bool,
+    /// DeepSpeed (ZeRO) or FSDP: weights, gradients and optimiser state split over processes.
+    pub sharded: bool,
+    pub deepspeed: bool,
+}
+
+impl Launch {
+    /// Read from the config's own `use_cpu` and `distributed_type`, whatever its file is called.
+    pub fn of(config: &TrainConfig) -> Result<Launch> {
+        let path = accelerate_config(config)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let value = |key: &str| {
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or_default().trim())
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().trim_matches(['\'', '"']).to_string()))
+                .unwrap_or_default()
+        };
+        let kind = value("distributed_type").to_ascii_uppercase();
+        let deepspeed = kind == "DEEPSPEED";
+        Ok(Launch { on_cpu: value("use_cpu") == "true", sharded: deepspeed || kind == "FSDP", deepspeed })
+    }
+}
+
+/// The pinned requirement files of a run: the base set, plus DeepSpeed where the config uses it.
+fn requirement_files(config: &TrainConfig) -> Result<Vec<PathBuf>> {
     let mut files = vec![engines_dir().join("requirements.txt")];
-    if config.accelerate.as_deref() == Some("zero3") {
+    if Launch::of(config)?.deepspeed {
         files.push(engines_dir().join("requirements-gpu.txt"));
     }
-    files
+    Ok(files)
 }
 
 /// What a trl run's result depends on beyond its settings: the pins and the engine script.
 /// The train stage's key records it.
 pub fn fingerprint(config: &TrainConfig) -> Result<String> {
     let mut text = String::new();
-    for path in requirement_files(config).into_iter().chain([engines_dir().join("sft.py")]) {
-        let content = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        text.push_str(&pins(&content));
+    for path in requirement_files(config)? {
+        text.push_str(&pins(&std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?));
         text.push('\0');
     }
+    // The script verbatim: in Python, indentation is behaviour.
+    let script = engines_dir().join("sft.py");
+    text.push_str(&std::fs::read_to_string(&script).map_err(|e| Error::io(&script, e))?);
     Ok(crate::util::sha256_bytes(text.as_bytes()))
 }
 
-/// The lines that matter of a requirements file (or a script): comments and blanks dropped.
+/// The lines that matter of a requirements file: comments and blanks dropped.
 fn pins(text: &str) -> String {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect::<Vec<_>>().join("\n")
 }
@@ -107,8 +135,9 @@ pub fn python(config: &TrainConfig) -> Result<PathBuf> {
         return Ok(given);
     }
     let mut pinned = String::new();
-    for path in requirement_files(config) {
-        pinned.push_str(&pins(&std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?));
+    let files = requirement_files(config)?;
+    for path in &files {
+        pinned.push_str(&pins(&std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?));
         pinned.push('\n');
     }
     let hash = crate::util::sha256_bytes(pinned.as_bytes());
@@ -146,7 +175,7 @@ pub fn python(config: &TrainConfig) -> Result<PathBuf> {
     run(Command::new(&system).args(["-m", "venv"]).arg(&dir), "creating the engine's virtual environment")?;
     let mut install = Command::new(&python);
     install.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]);
-    for file in requirement_files(config) {
+    for file in &files {
         install.arg("-r").arg(file);
     }
     run(&mut install, "installing the engine's pinned requirements")?;
@@ -195,7 +224,7 @@ pub fn train(prepared: &Prepared, config: &TrainConfig, out: &Path, progress: bo
     write_json(&engine_dir.join("batches.json"), &serde_json::json!({ "steps": batches }))?;
     let base = base_folder(prepared, &engine_dir)?;
     let accelerate = accelerate_config(config)?;
-    let on_cpu = std::fs::read_to_string(&accelerate).is_ok_and(|t| t.contains("use_cpu: true"));
+    let on_cpu = Launch::of(config)?.on_cpu;
     let hand_off = HandOff {
         contract: CONTRACT,
         base_model: &base,
@@ -293,6 +322,15 @@ pub fn train(prepared: &Prepared, config: &TrainConfig, out: &Path, progress: bo
             return Err(failed(format!("it exited with {status}")));
         }
     }
+    // The chat template the run trained under (and the tokenizer, unless the engine wrote
+    // one, which is then checked against the base's), as our own export writes them.
+    let model_dir = out.join("model");
+    let written = if model_dir.join("tokenizer.json").exists() {
+        export::tokenizer_config(&prepared.model, &model_dir)
+    } else {
+        export::tokenizer(&prepared.model, &model_dir)
+    };
+    written.map_err(|e| failed(e.to_string()))?;
     check_output(prepared, out).map_err(|e| failed(e.to_string()))?;
     let history = read_log(out)?;
     if history.len() != order.steps.len() {
@@ -383,12 +421,16 @@ fn check_output(prepared: &Prepared, out: &Path) -> Result<()> {
     if vocab(base) != vocab(&trained) {
         return Err(Error::Invalid(format!("{}: its tokenizer differs from the base model's", dir.display())));
     }
+    if trained.template.source() != base.template.source() {
+        return Err(Error::Invalid(format!("{}: its chat template differs from the one it trained under", dir.display())));
+    }
     Ok(())
 }
 
 /// ‖θ − θ₀‖₂ between the engine's weights and the base's.
 fn drift(prepared: &Prepared, dir: &Path) -> Result<f64> {
-    let trained = model::load_trainable(&dir.to_string_lossy(), &LoadOptions::default())?.1;
+    let on_cpu = LoadOptions { device: candle_core::Device::Cpu, ..LoadOptions::default() };
+    let trained = model::load_trainable(&dir.to_string_lossy(), &on_cpu)?.1;
     let trained: std::collections::HashMap<String, candle_core::Var> = sorted_vars(&trained).into_iter().collect();
     let mut total = 0.0;
     for (name, base) in sorted_vars(&prepared.vars) {

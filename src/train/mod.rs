@@ -71,6 +71,17 @@ pub struct TrainConfig {
     pub launch: Option<String>,
 }
 
+impl TrainConfig {
+    /// How the harness loads the model it trains: as `base` says for our trainer; on the CPU
+    /// for the trl engine, which trains its own copy (the harness's only encodes and checks).
+    pub fn load_options(&self, base: &crate::model::LoadOptions) -> crate::model::LoadOptions {
+        match self.engine {
+            Engine::Native => base.clone(),
+            Engine::Trl => crate::model::LoadOptions { device: Device::Cpu, ..base.clone() },
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
@@ -104,6 +115,8 @@ pub struct StepLog {
     pub epoch: usize,
     pub loss: f64,
     pub lr: f64,
+    /// NaN (`null` in the log) where an engine does not report it.
+    #[serde(deserialize_with = "crate::util::nan_if_null")]
     pub grad_norm: f64,
     /// Response tokens the loss averaged over.
     pub response_tokens: usize,

@@ -70,8 +70,10 @@ impl fmt::Display for MemoryPlan {
 pub fn plan(model: &ModelConfig, config: &TrainConfig, tokens: f64, on_gpu: bool) -> MemoryPlan {
     let p = model.parameter_count() as f64;
     let accelerate = config.accelerate.as_deref().unwrap_or("cpu");
-    let sharded = config.engine == Engine::Trl && matches!(accelerate, "zero3" | "fsdp");
-    let gpu = if config.engine == Engine::Trl { accelerate != "cpu" } else { on_gpu };
+    // A config that cannot be read is refused before training; planned here as one GPU.
+    let launch = super::engine::Launch::of(config).unwrap_or(super::engine::Launch { on_cpu: false, sharded: false, deepspeed: false });
+    let sharded = config.engine == Engine::Trl && launch.sharded;
+    let gpu = if config.engine == Engine::Trl { !launch.on_cpu } else { on_gpu };
     let devices = if config.engine == Engine::Trl { config.processes.unwrap_or(1).max(1) } else { 1 };
     let (engine, weights, gradients, optimizer) = if sharded {
         // bf16 weights and f32 master copies, bf16 gradients, f32 moments: 16 bytes a
