@@ -15,6 +15,7 @@ use crate::shard::Shard;
 use crate::train::{Examples, Prepared};
 use crate::{Error, Result};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -202,8 +203,8 @@ impl StageWork<'_> {
         let part_path = |s: Shard| self.stage.shards_dir().join(format!("scores.shard-{}-of-{}.parquet", s.index, s.count));
         let started = Instant::now();
         let (path, part) = match self.shard {
-            Some(s) => (part_path(s), s.of(pool)),
-            None => (self.stage.dir.join("scores.parquet"), pool.clone()),
+            Some(s) => (part_path(s), Cow::Owned(s.of(pool))),
+            None => (self.stage.dir.join("scores.parquet"), Cow::Borrowed(pool)),
         };
         let shards: Vec<Shard> = (0..self.node.shards).map(|index| Shard { index, count: self.node.shards }).collect();
         if self.shard.is_none() && shards.len() > 1 {

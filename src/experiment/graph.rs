@@ -321,13 +321,14 @@ impl Graph {
     /// through an unfinished stage reading them. (A stage whose readers all finished is left
     /// alone, like trajectories cached under an older key beneath a finished selection.)
     pub fn to_run(&self) -> Vec<bool> {
-        let done: Vec<bool> = self.nodes.iter().map(|n| n.stage(&self.root).is_some_and(|s| s.is_done())).collect();
+        // Readers come after what they read, so one pass backwards settles every stage.
+        let mut wanted: Vec<bool> = self.nodes.iter().map(|n| matches!(n.work, Work::Report)).collect();
         let mut needed = vec![false; self.nodes.len()];
-        for at in (0..self.nodes.len()).rev() {
-            let node = &self.nodes[at];
-            let wanted = matches!(node.work, Work::Report)
-                || self.nodes.iter().enumerate().any(|(r, reader)| needed[r] && reader.reads.contains(&at));
-            needed[at] = wanted && !done[at];
+        for (at, node) in self.nodes.iter().enumerate().rev() {
+            needed[at] = wanted[at] && !node.stage(&self.root).is_some_and(|s| s.is_done());
+            if needed[at] {
+                node.reads.iter().for_each(|&r| wanted[r] = true);
+            }
         }
         needed
     }

@@ -84,8 +84,16 @@ pub fn submit(graph: &Graph, command: &JobCommand) -> Result<Vec<Submitted>> {
             args.extend(node.resources.sbatch_args());
             args
         };
-        let mut run = vec![command.exe.display().to_string()];
-        run.extend(command.global_args.iter().cloned());
+        // What the job runs: `harness stage run` for this stage (`harness report` for the report).
+        let what: Vec<String> = match &stage {
+            Some(_) => vec!["stage".into(), "run".into(), experiment.display().to_string(), short(node).to_string()],
+            None => vec!["report".into(), experiment.display().to_string()],
+        };
+        let run: Vec<String> = std::iter::once(command.exe.display().to_string())
+            .chain(command.global_args.iter().cloned())
+            .chain(what)
+            .chain(["--runs-dir".to_string(), command.runs_dir.display().to_string()])
+            .collect();
         let mut jobs = Jobs { array: None, job: String::new() };
         let mut ids = Vec::new();
         let mut merge_after = after.clone();
@@ -100,11 +108,7 @@ pub fn submit(graph: &Graph, command: &JobCommand) -> Result<Vec<Submitted>> {
                 args.push(format!("--array={}", todo.iter().map(usize::to_string).collect::<Vec<_>>().join(",")));
                 args.push(format!("--output={}", dir.join("slurm-%A_%a.log").display()));
                 args.extend(dependency(&after));
-                let mut line = run.clone();
-                line.extend(["stage", "run"].map(String::from));
-                line.extend([experiment.display().to_string(), short(node).to_string()]);
-                line.extend(["--runs-dir".to_string(), command.runs_dir.display().to_string()]);
-                let wrap = format!("{} --shard \"$SLURM_ARRAY_TASK_ID/{}\"", quote_all(&line), node.shards);
+                let wrap = format!("{} --shard \"$SLURM_ARRAY_TASK_ID/{}\"", quote_all(&run), node.shards);
                 let id = sbatch(&args, &wrap)?;
                 merge_after = vec![id.clone()];
                 merge_after.extend(after.iter().cloned());
@@ -115,16 +119,7 @@ pub fn submit(graph: &Graph, command: &JobCommand) -> Result<Vec<Submitted>> {
         let mut args = base(if node.shards > 1 { "merge" } else { node.kind });
         args.push(format!("--output={}", dir.join("slurm-%j.log").display()));
         args.extend(dependency(&merge_after));
-        let mut line = run;
-        match node.stage(&graph.root) {
-            Some(_) => {
-                line.extend(["stage", "run"].map(String::from));
-                line.extend([experiment.display().to_string(), short(node).to_string()]);
-            }
-            None => line.extend(["report".to_string(), experiment.display().to_string()]),
-        }
-        line.extend(["--runs-dir".to_string(), command.runs_dir.display().to_string()]);
-        let id = sbatch(&args, &quote_all(&line))?;
+        let id = sbatch(&args, &quote_all(&run))?;
         jobs.job = id.clone();
         ids.push(id.clone());
         write_jobs(&dir, &jobs)?;

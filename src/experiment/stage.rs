@@ -55,11 +55,7 @@ impl Stage {
 
     /// Marks the stage finished with its summary.
     pub fn finish(&self, summary: &impl Serialize, seconds: f64) -> Result<()> {
-        let path = self.dir.join(DONE);
-        let aside = self.dir.join(".DONE.tmp");
-        let json = serde_json::to_string_pretty(summary).expect("plain data serialises");
-        std::fs::write(&aside, json).map_err(|e| Error::io(&aside, e))?;
-        std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, e))?;
+        write_last(&self.dir.join(DONE), summary)?;
         self.log("computed", seconds)
     }
 
@@ -109,12 +105,8 @@ impl Stage {
 
     /// Marks part `shard` finished (written last, like `DONE`).
     pub fn finish_shard(&self, shard: Shard, summary: &impl Serialize, seconds: f64) -> Result<()> {
-        let path = self.shard_marker(shard);
         std::fs::create_dir_all(self.shards_dir()).map_err(|e| Error::io(&self.dir, e))?;
-        let aside = path.with_extension("tmp");
-        let json = serde_json::to_string_pretty(summary).expect("plain data serialises");
-        std::fs::write(&aside, json).map_err(|e| Error::io(&aside, e))?;
-        std::fs::rename(&aside, &path).map_err(|e| Error::io(&path, e))?;
+        write_last(&self.shard_marker(shard), summary)?;
         self.log(&format!("computed shard {shard}"), seconds)
     }
 
@@ -160,4 +152,13 @@ impl Stage {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         writeln!(file, "{line}").map_err(|e| Error::io(&path, e))
     }
+}
+
+/// Writes a finished marker with its summary atomically (aside, then renamed): a marker is
+/// there whole or not at all.
+fn write_last(path: &Path, summary: &impl Serialize) -> Result<()> {
+    let aside = path.with_extension("tmp");
+    let json = serde_json::to_string_pretty(summary).expect("plain data serialises");
+    std::fs::write(&aside, json).map_err(|e| Error::io(&aside, e))?;
+    std::fs::rename(&aside, path).map_err(|e| Error::io(path, e))
 }

@@ -260,6 +260,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Every token with its id, sorted: two tokenizers with the same vocabulary give the same.
+    pub fn vocabulary(&self) -> Vec<(String, u32)> {
+        let mut vocab: Vec<(String, u32)> = self.inner.get_vocab(true).into_iter().collect();
+        vocab.sort();
+        vocab
+    }
+
     pub fn id_of(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

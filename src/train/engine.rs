@@ -413,12 +413,7 @@ fn check_output(prepared: &Prepared, out: &Path) -> Result<()> {
             a[key.as_str()]
         )));
     }
-    let vocab = |m: &model::LoadedModel| {
-        let mut v: Vec<(String, u32)> = m.tokenizer.inner.get_vocab(true).into_iter().collect();
-        v.sort();
-        v
-    };
-    if vocab(base) != vocab(&trained) {
+    if base.tokenizer.vocabulary() != trained.tokenizer.vocabulary() {
         return Err(Error::Invalid(format!("{}: its tokenizer differs from the base model's", dir.display())));
     }
     if trained.template.source() != base.template.source() {
